@@ -1,0 +1,19 @@
+"""dept_fast: fused Triton kernels for DePT and Prefix-Tuning soft-prompt fine-tuning.
+
+    from dept_fast import FusedDePTEmbedding
+"""
+import os as _os
+
+# Installed, ``dept_fast.kernels`` comes from the top-level ``kernels/`` folder (setup.py
+# package_dir). Run from a source checkout without installing (``PYTHONPATH=.``), find it there.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and \
+        _os.path.isfile(_os.path.join(_checkout, "kernels", "dept_forward.py")):
+    __path__.append(_checkout)
+
+from .embedding import FusedDePTEmbedding  # noqa: E402
+from .functional import DePTEmbeddingFunction, dept_embedding  # noqa: E402
+from .reference import dept_embedding_reference  # noqa: E402
+
+__all__ = ["FusedDePTEmbedding", "DePTEmbeddingFunction", "dept_embedding", "dept_embedding_reference"]
+__version__ = "0.1.0"

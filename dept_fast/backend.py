@@ -1,0 +1,31 @@
+"""Where an op runs: the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``) or PyTorch.
+
+CUDA tensors always take the kernels. CPU tensors take the kernels only when the Triton
+interpreter is switched on (``TRITON_INTERPRET=1``, how CI exercises them without a GPU);
+otherwise they take the eager reference in ``dept_fast.reference``.
+"""
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported here."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether the Triton interpreter is on (read at kernel definition time by Triton)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_kernels(tensor: torch.Tensor) -> bool:
+    """Whether ops on ``tensor``'s device run the Triton kernels rather than the reference."""
+    if not triton_available():
+        return False
+    if tensor.device.type == "cuda":
+        return True
+    return tensor.device.type == "cpu" and interpreting()
