@@ -1,0 +1,27 @@
+"""Test setup: Triton kernels run on CPU through the interpreter when no GPU is present.
+
+``TRITON_INTERPRET`` must be set before any ``@triton.jit`` function is defined, i.e. before
+``dept_fast.kernels`` is imported, which is why it is set here at import time.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the kernel tests run: the GPU when there is one, else CPU under the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (gpu marker); run bench/gpu_session.sh on a GPU box")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
