@@ -4,17 +4,13 @@ CUDA tensors always take the kernels. CPU tensors take the kernels only when the
 interpreter is switched on (``TRITON_INTERPRET=1``, how CI exercises them without a GPU);
 otherwise they take the eager reference in ``dept_fast.reference``.
 """
-import functools
 import importlib.util
 import os
 
 import torch
 
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported here."""
-    return importlib.util.find_spec("triton") is not None
+# Decided once at import: torch.compile traces use_kernels() and must see a plain constant.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
@@ -24,7 +20,7 @@ def interpreting() -> bool:
 
 def use_kernels(tensor: torch.Tensor) -> bool:
     """Whether ops on ``tensor``'s device run the Triton kernels rather than the reference."""
-    if not triton_available():
+    if not TRITON_AVAILABLE:
         return False
     if tensor.device.type == "cuda":
         return True

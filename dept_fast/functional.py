@@ -4,8 +4,11 @@ from typing import Optional
 import torch
 
 from ._checks import check_dept_inputs
-from .backend import use_kernels
+from .backend import TRITON_AVAILABLE, use_kernels
 from .reference import dept_embedding_reference
+
+if TRITON_AVAILABLE:
+    from . import kernels
 
 
 class DePTEmbeddingFunction(torch.autograd.Function):
@@ -19,8 +22,6 @@ class DePTEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids, weight, prompt, lora_A, lora_B, scaling, deterministic, padding_idx):
-        from . import kernels
-
         out = kernels.dept_forward(ids, weight, prompt, lora_A, lora_B, scaling)
         ctx.save_for_backward(ids, lora_A, lora_B)
         ctx.scaling = scaling
@@ -34,8 +35,6 @@ class DePTEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from . import kernels
-
         ids, lora_A, lora_B = ctx.saved_tensors
         grad_emb, grad_prompt, grad_A, grad_B = kernels.dept_backward(
             grad_out, ids, ctx.vocab, lora_A, lora_B, ctx.scaling, ctx.n_prompt, ctx.prompt_dtype,

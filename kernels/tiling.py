@@ -7,7 +7,7 @@ not once per row. Batch groups only exist to give the GPU enough programs when t
 alone would leave SMs idle; each extra group re-computes one A.B tile (forward) or adds one
 fp32 partial-sum slab (backward).
 """
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -17,9 +17,8 @@ import triton
 _PROGRAMS_PER_SM = 4
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes and batch split of one DePT launch."""
+class TileConfig(NamedTuple):
+    """Tile sizes and batch split of one DePT launch (a NamedTuple: torch.compile traces it)."""
 
     block_t: int
     block_d: int

@@ -25,3 +25,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make every kernel output buffer start as NaN (floats) or -1 (ints), so any element a
+    kernel fails to write shows up in the comparison instead of passing by luck."""
+    from dept_fast.kernels import buffers
+
+    def poisoned(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(buffers, "allocate", poisoned)
+
