@@ -89,7 +89,9 @@ def dept_backward(
     scatter = emb_dtype is not None and not deterministic
     grad_emb = torch.zeros((vocab, dim), dtype=torch.float32, device=device) if scatter else None
 
-    tiles = tiles or choose_tiles(batch, n_pos, dim, grad_out.element_size(), device)
+    # Each batch group adds an fp32 (m + L, d) slab of partial sums: keep them <= 1/8 of G's bytes.
+    max_groups = max(1, batch * grad_out.element_size() // 32)
+    tiles = tiles or choose_tiles(batch, n_pos, dim, grad_out.element_size(), device, max_groups)
     colsum = buffers.allocate((tiles.groups, n_pos, dim), torch.float32, device)
     if colsum.numel() and batch:
         grid = (triton.cdiv(n_pos, tiles.block_t), triton.cdiv(dim, tiles.block_d), tiles.groups)

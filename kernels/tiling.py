@@ -39,11 +39,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_tiles(batch: int, n_positions: int, dim: int, element_size: int,
-                 device: torch.device) -> TileConfig:
+                 device: torch.device, max_groups: int = None) -> TileConfig:
     """Pick a :class:`TileConfig` for ``batch`` rows of ``n_positions`` x ``dim`` elements.
 
-    On CPU tensors (the Triton interpreter) each program costs ~1 ms regardless of its size, so
-    tiles are as wide as possible and the batch is never split.
+    ``max_groups`` caps the batch split (the backward passes one so that its fp32 partial sums
+    stay a small fraction of the gradient it reads). On CPU tensors (the Triton interpreter) each
+    program costs ~1 ms regardless of its size, so tiles are as wide as possible and the batch is
+    never split.
     """
     if device.type != "cuda":
         return TileConfig(block_t=16, block_d=min(256, max(16, triton.next_power_of_2(dim))), groups=1)
@@ -52,5 +54,5 @@ def choose_tiles(batch: int, n_positions: int, dim: int, element_size: int,
     block_t = 16
     tiles = triton.cdiv(max(n_positions, 1), block_t) * triton.cdiv(dim, block_d)
     wanted = _PROGRAMS_PER_SM * _sm_count(device)
-    groups = max(1, min(batch, triton.cdiv(wanted, tiles)))
+    groups = max(1, min(batch, triton.cdiv(wanted, tiles), max_groups or batch))
     return TileConfig(block_t=block_t, block_d=block_d, groups=groups)
