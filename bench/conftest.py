@@ -1,0 +1,86 @@
+"""Benchmark session setup: the device, the copy-bandwidth ceiling, versions in the JSON, a summary.
+
+Run with ``pytest bench --benchmark-only`` (add ``--benchmark-json=FILE`` for ``python -m
+bench.report``). Unlike tests/, this never switches the Triton interpreter on: interpreted
+kernels run orders of magnitude slower than compiled ones, so their timings mean nothing, and a
+session that has ``TRITON_INTERPRET=1`` set skips every benchmark.
+"""
+import os
+import platform
+import shlex
+import sys
+
+import pytest
+import torch
+
+from . import measure, report
+
+
+def pytest_collection_modifyitems(config, items):
+    # Read here, not at import: every conftest (tests/conftest.py may set it) has been loaded by now.
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return
+    skip = pytest.mark.skip(reason="TRITON_INTERPRET=1 is set (by you, or by tests/conftest.py when bench/ and "
+                                   "tests/ run in one session): interpreter timings are meaningless; run "
+                                   "`pytest bench --benchmark-only` on its own with TRITON_INTERPRET unset")
+    for item in items:
+        if item.path.is_relative_to(os.path.dirname(__file__)):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return measure.bench_device()
+
+
+@pytest.fixture(scope="session")
+def copy_gbps(device) -> float:
+    """The copy-bandwidth ceiling (GB/s, read + write) of this device, measured once per session."""
+    return measure.copy_bandwidth_gbps(device)
+
+
+def versions() -> dict:
+    """Library versions and the device, as recorded with every run."""
+    import transformers
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU: {_cpu_name()}",
+        "device_type": "cuda" if cuda else "cpu",
+        "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
+        "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["dept_fast"] = versions()
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["dept_fast"] = {"command": shlex.join(["pytest", *sys.argv[1:]])}
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
+def pytest_terminal_summary(terminalreporter):
+    if not measure.RECORDS:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("dept_fast benchmarks (what the numbers mean: bench/measure.py)")
+    if torch.cuda.is_available():
+        write("pytest-benchmark's tables above time each call on the host clock with a synchronize after it "
+              "(launch overhead included); the ms below are device time.")
+    for line in report.summary_lines(measure.RECORDS):
+        write(line)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One GPU session, in under 10 minutes: the test suite on CUDA, the benchmarks, the report.
+#
+#   OUT=<folder> PYTHONPATH=. bash bench/gpu_session.sh        # from the repository root
+#
+# Needs a CUDA machine with torch, triton, transformers, pytest, pytest-benchmark and matplotlib
+# installed; installs nothing. Everything it produces goes to $OUT (5 files):
+#   gpu_session.log      all output, step by step
+#   bench_stage.json     pytest-benchmark JSON of the stage suites (bench/test_*stage*.py)
+#   bench_model.json     pytest-benchmark JSON of the model-level suites (every other bench/ suite)
+#   RESULTS.md           bench/RESULTS.md with its CUDA block rewritten from those two files
+#   speedup_cuda.png     the plot RESULTS.md shows
+# Copy RESULTS.md and speedup_cuda.png into bench/ and commit them. Each step has a time limit;
+# a step that reaches it gets SIGINT, so pytest still writes the JSON of what it measured.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder that receives the logs and results}"
+mkdir -p "$OUT"
+export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}  # on the device machines the python3 on PATH is the one with torch
+unset TRITON_INTERPRET  # compiled kernels only: interpreter timings are meaningless
+LOG="$OUT/gpu_session.log"
+failed=()
+
+step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, log it, remember a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $(date -u +%FT%TZ) $name: $* (limit ${limit}s)" | tee -a "$LOG"
+    timeout -s INT -k 20 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name exit $rc" | tee -a "$LOG"
+    [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
+}
+
+step environment 30 "$PY" - <<'EOF'
+import subprocess, sys
+import torch, triton, transformers
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__,
+      "| transformers", transformers.__version__, "| CUDA", torch.version.cuda)
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device visible: this script is for a GPU machine")
+print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))
+print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
+EOF
+if [ ${#failed[@]} -ne 0 ]; then echo "environment check failed; stopping" | tee -a "$LOG"; exit 1; fi
+
+# Limits add up to 550 s (+20 s grace per interrupted step) for a 600 s device command.
+# The whole test suite runs on CUDA here: the device fixture and the gpu-marked tests switch on.
+step tests 150 "$PY" -m pytest tests -q -p no:cacheprovider
+
+# Stage suites are the bench/ tests whose names contain "stage"; all others are model-level.
+BENCH=("$PY" -m pytest bench --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.2
+       --benchmark-columns=min,median,max,rounds --benchmark-sort=name)
+step bench-stage 180 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
+step bench-model 150 "${BENCH[@]}" -k "not stage" --benchmark-json="$OUT/bench_model.json"
+
+jsons=()
+for f in "$OUT/bench_stage.json" "$OUT/bench_model.json"; do [ -s "$f" ] && jsons+=("$f"); done
+if [ ${#jsons[@]} -ne 0 ]; then
+    step report 40 "$PY" -m bench.report "${jsons[@]}" --results bench/RESULTS.md
+    cp bench/RESULTS.md "$OUT/RESULTS.md"
+    [ -f bench/speedup_cuda.png ] && cp bench/speedup_cuda.png "$OUT/speedup_cuda.png"
+else
+    failed+=("report (no benchmark JSON was written)")
+fi
+
+echo "=== $(date -u +%FT%TZ) done; failed steps: ${failed[*]:-none}" | tee -a "$LOG"
+[ ${#failed[@]} -eq 0 ]
