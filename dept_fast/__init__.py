@@ -14,6 +14,9 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and \
 from .embedding import FusedDePTEmbedding  # noqa: E402
 from .functional import DePTEmbeddingFunction, dept_embedding  # noqa: E402
 from .reference import dept_embedding_reference  # noqa: E402
+from .prefix_encoder import FusedPrefixEncoder  # noqa: E402
+from .prefix_tuning import apply_prefix_tuning, load_prefix_tuning  # noqa: E402
 
-__all__ = ["FusedDePTEmbedding", "DePTEmbeddingFunction", "dept_embedding", "dept_embedding_reference"]
+__all__ = ["FusedDePTEmbedding", "DePTEmbeddingFunction", "dept_embedding", "dept_embedding_reference",
+           "FusedPrefixEncoder", "apply_prefix_tuning", "load_prefix_tuning"]
 __version__ = "0.1.0"

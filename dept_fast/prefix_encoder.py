@@ -1,0 +1,108 @@
+"""``FusedPrefixEncoder``: the trainable per-layer key/value prefixes of Prefix-Tuning."""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .prefix_projection import prefix_kv_projection
+
+
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+class FusedPrefixEncoder(nn.Module):
+    """Prefix-Tuning's prefixes (Li & Liang, 2021) for every attention layer of a model.
+
+    ``forward()`` returns all layers' prefix keys and values as one (num_layers, 2, num_kv_heads,
+    prefix_len, head_dim) tensor, the layout the prefix attention consumes (``[l, 0]`` keys,
+    ``[l, 1]`` values of layer l; ``num_kv_heads`` x ``head_dim`` is the model's key/value layout,
+    so grouped-query attention gets kv_heads, not query heads). Two parameterizations:
+
+    * ``projection_dim=None``: the prefixes themselves are the parameter ``prefix``.
+    * ``projection_dim=mid`` (512 by default, as in the original work): the training-time
+      reparameterization Embedding(p, embed_dim) -> Linear(embed_dim, mid) -> tanh ->
+      Linear(mid, num_layers * 2 * num_kv_heads * head_dim). The first Linear is a cuBLAS matmul;
+      tanh, the second Linear and the scatter into the attention layout are one fused Triton kernel
+      (one more pair for the backward), see ``kernels/prefix_kv.py``. :meth:`merge` evaluates the MLP
+      once and keeps only the resulting prefixes, for inference (or to go on training them directly).
+
+    Initialisation follows PEFT's ``PrefixEncoder``: ``nn.Embedding``'s N(0, 1) rows (the prefixes
+    themselves without projection) and ``nn.Linear``'s default.
+
+    Args:
+        prefix_len: p, prefix slots per layer.
+        num_layers: attention layers that take a prefix.
+        num_kv_heads, head_dim: the layers' key/value heads and head width.
+        projection_dim: width of the MLP's hidden layer, or None for no MLP.
+        embed_dim: width of the MLP's input embedding (the model's hidden size in the original work);
+            defaults to ``num_kv_heads * head_dim``. Ignored without projection.
+        dtype, device: of the parameters.
+    """
+
+    def __init__(self, prefix_len: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 projection_dim: Optional[int] = 512, embed_dim: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        for name, value in (("prefix_len", prefix_len), ("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            _check_positive(name, value)
+        for name, value in (("projection_dim", projection_dim), ("embed_dim", embed_dim)):
+            _check_positive(name, value, allow_none=True)
+        self.prefix_len = prefix_len
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.projection_dim = projection_dim
+        self.embed_dim = embed_dim or num_kv_heads * head_dim
+        factory = {"dtype": dtype, "device": device}
+        if projection_dim is None:
+            self.prefix = nn.Parameter(torch.randn(self.layout, **factory))
+        else:
+            self.embedding = nn.Embedding(prefix_len, self.embed_dim, **factory)
+            self.proj_in = nn.Linear(self.embed_dim, projection_dim, **factory)
+            self.proj_out = nn.Linear(projection_dim, num_layers * 2 * num_kv_heads * head_dim, **factory)
+
+    @property
+    def layout(self) -> Tuple[int, int, int, int, int]:
+        """Shape of :meth:`forward`'s output: (num_layers, 2, num_kv_heads, prefix_len, head_dim)."""
+        return (self.num_layers, 2, self.num_kv_heads, self.prefix_len, self.head_dim)
+
+    @property
+    def merged(self) -> bool:
+        """True when the prefixes are the parameters (no MLP, or after :meth:`merge`)."""
+        return self.projection_dim is None
+
+    def forward(self) -> torch.Tensor:
+        """All layers' prefixes, (num_layers, 2, num_kv_heads, prefix_len, head_dim)."""
+        if self.merged:
+            return self.prefix
+        hidden = self.proj_in(self.embedding.weight)
+        return prefix_kv_projection(hidden, self.proj_out.weight, self.proj_out.bias, self.num_layers,
+                                    self.num_kv_heads, self.head_dim)
+
+    def key_values(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, (key, value) each (1, num_kv_heads, prefix_len, head_dim): views of :meth:`forward`.
+
+        ``unbind`` rather than indexing: its backward stacks the layers' gradients in one copy
+        instead of scattering each into a zero tensor of the full size.
+        """
+        return [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in (layer.unbind(0) for layer in self().unbind(0))]
+
+    @torch.no_grad()
+    def merge(self) -> "FusedPrefixEncoder":
+        """Evaluate the MLP once, keep only the prefixes (as parameter ``prefix``); no-op when merged."""
+        if not self.merged:
+            prefix = self().detach().clone()
+            requires_grad = self.proj_out.weight.requires_grad
+            del self.embedding, self.proj_in, self.proj_out
+            self.projection_dim = None
+            self.prefix = nn.Parameter(prefix, requires_grad=requires_grad)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"prefix_len={self.prefix_len}, num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, projection_dim={self.projection_dim}, embed_dim={self.embed_dim}")
