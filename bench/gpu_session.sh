@@ -29,12 +29,12 @@ step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, log it, reme
     timeout -s INT -k 20 "$limit" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     local why=""
-    [ "$rc" -eq 124 ] && why=" = time limit reached, interrupted (what it measured was still written)"
+    [ "$rc" -eq 124 ] && why=" = time limit reached, interrupted by SIGINT"
     echo "=== $name exit $rc$why" | tee -a "$LOG"
     [ "$rc" -eq 0 ] || failed+=("$name (exit $rc$why)")
 }
 
-step environment 30 "$PY" - <<'EOF'
+step environment 20 "$PY" - <<'EOF'
 import subprocess, sys
 import torch, triton, transformers
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__,
@@ -46,20 +46,20 @@ print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
 EOF
 if [ ${#failed[@]} -ne 0 ]; then echo "environment check failed; stopping" | tee -a "$LOG"; exit 1; fi
 
-# Limits add up to 550 s (+20 s grace per interrupted step) for a 600 s device command.
+# Limits add up to 540 s (+20 s grace per interrupted step) for a 600 s device command.
 # The whole test suite runs on CUDA here: the device fixture and the gpu-marked tests switch on.
-step tests 120 "$PY" -m pytest tests -q -p no:cacheprovider
+step tests 150 "$PY" -m pytest tests -q -p no:cacheprovider
 
 # Stage suites are the bench/ tests whose names contain "stage"; all others are model-level.
 BENCH=("$PY" -m pytest bench --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.2
        --benchmark-columns=min,median,max,rounds --benchmark-sort=name)
-step bench-stage 240 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
+step bench-stage 220 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
 step bench-model 120 "${BENCH[@]}" -k "not stage" --benchmark-json="$OUT/bench_model.json"
 
 jsons=()
 for f in "$OUT/bench_stage.json" "$OUT/bench_model.json"; do [ -s "$f" ] && jsons+=("$f"); done
 if [ ${#jsons[@]} -ne 0 ]; then
-    step report 40 "$PY" -m bench.report "${jsons[@]}" --results bench/RESULTS.md
+    step report 30 "$PY" -m bench.report "${jsons[@]}" --results bench/RESULTS.md
     cp bench/RESULTS.md "$OUT/RESULTS.md"
     [ -f bench/speedup_cuda.png ] && cp bench/speedup_cuda.png "$OUT/speedup_cuda.png"
 else
