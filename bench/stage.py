@@ -32,7 +32,9 @@ RECOMPILE_LIMIT = 64
 @functools.lru_cache(maxsize=None)
 def compiled(fn: Callable) -> Callable:
     """``torch.compile(fn, dynamic=False)``, one per function for the whole session."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     return torch.compile(fn, dynamic=False)
 
 
