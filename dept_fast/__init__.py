@@ -14,9 +14,13 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and \
 from .embedding import FusedDePTEmbedding  # noqa: E402
 from .functional import DePTEmbeddingFunction, dept_embedding  # noqa: E402
 from .reference import dept_embedding_reference  # noqa: E402
+from .budget import budget  # noqa: E402
+from .hf_dept import apply_dept, load_dept  # noqa: E402
+from .optim import param_groups  # noqa: E402
 from .prefix_encoder import FusedPrefixEncoder  # noqa: E402
 from .prefix_tuning import apply_prefix_tuning, load_prefix_tuning  # noqa: E402
 
 __all__ = ["FusedDePTEmbedding", "DePTEmbeddingFunction", "dept_embedding", "dept_embedding_reference",
+           "apply_dept", "load_dept", "param_groups", "budget",
            "FusedPrefixEncoder", "apply_prefix_tuning", "load_prefix_tuning"]
 __version__ = "0.1.0"

@@ -86,3 +86,19 @@ class FusedDePTEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_prompt_tokens={self.num_prompt_tokens}, rank={self.rank}, "
                 f"max_length={self.max_length}, lora_alpha={self.lora_alpha}")
+
+    def save_pretrained(self, path: str) -> None:
+        """Save prompt, lora_A, lora_B (safetensors) and the config (json) into directory ``path``;
+        the word embeddings are not saved. See :mod:`dept_fast.checkpoint`."""
+        from .checkpoint import save_embedding
+
+        save_embedding(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str, word_embeddings: nn.Embedding,
+                        max_length: Optional[int] = None) -> "FusedDePTEmbedding":
+        """Load an adapter directory (ours, the DePT authors' PROMPT_TUNING_LORA or PEFT PROMPT_TUNING)
+        around ``word_embeddings``; ``max_length`` only for checkpoints that do not record it (PEFT)."""
+        from .checkpoint import load_embedding
+
+        return load_embedding(path, word_embeddings, max_length)

@@ -33,6 +33,34 @@ def dept_embedding_reference(input_ids: torch.Tensor, weight: torch.Tensor, prom
     return torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
 
 
+# --- HF integration (issue 3): the DePT stage with a position per token -------------------------
+
+def dept_embedding_at_positions_reference(input_ids: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor,
+                                          prompt: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                                          scaling: float, padding_idx: Optional[int] = None) -> torch.Tensor:
+    """DePT embedding stage where each token takes the update row of its own position:
+    ``out[i] = [P ; E[ids[i, t]] + scaling * (A @ B)[positions[i, t]]]``.
+
+    With ``positions[i, t] = t`` this is :func:`dept_embedding_reference`. The HF integration uses it
+    when a token's position differs from its column: left-padded rows (position = index among the
+    row's real tokens) and generation steps after the first (position = tokens already seen).
+    Pass a zero-row ``prompt`` (``prompt[:0]``) to embed tokens without prepending the prompt.
+
+    Args:
+        input_ids: (b, L) token ids.
+        positions: (b, L) int64 rows of A, each in [0, s).
+        weight, prompt, lora_A, lora_B, scaling, padding_idx: as in :func:`dept_embedding_reference`.
+
+    Returns:
+        (b, m + L, d) in ``weight.dtype``.
+    """
+    batch = input_ids.shape[0]
+    embeds = F.embedding(input_ids, weight, padding_idx)
+    if lora_A.shape[1] > 0:
+        embeds = embeds + (scaling * (lora_A[positions] @ lora_B)).to(embeds.dtype)
+    return torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
+
+
 # --- Prefix-Tuning (issue 7): the prefix MLP's tail and attention over [prefix ; own keys] ------
 
 def prefix_kv_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_layers: int,

@@ -1,0 +1,218 @@
+"""apply_dept on tiny GPT-2, GQA Llama and T5: parity with the eager composition, padding and
+position conventions, generate(), and clear errors.
+
+Tolerances: the fused kernel and the eager reference both compute in fp32 and differ only in
+summation order (<= 1e-6 relative at the embeddings); two transformer layers amplify that a
+little, so model outputs are compared at rel_err <= 1e-5 (well above the ~1e-7 seen, far below
+any real mistake, e.g. a wrong A row moves logits by > 1e-2).
+"""
+import pytest
+import torch
+
+import dept_fast.hf_dept as hf_dept
+from dept_fast import FusedDePTEmbedding, apply_dept, dept_embedding_reference
+from numerics import rel_err
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
+
+M, R, S = 3, 4, 16
+TOL = 1e-5
+DECODERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+FAMILIES = {**DECODERS, "t5": tiny_t5}
+
+
+def dept_model(build, rank=R):
+    """A DePT model whose update is non-zero (B is zero at initialisation)."""
+    model = apply_dept(build(), M, rank, S)
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens in every row
+    if rank:
+        with torch.no_grad():
+            model.dept.lora_B.normal_()
+    return model
+
+
+def padded_batch(lengths, width, side):
+    """Random ids (pad id 0 outside each row's real tokens) and the matching mask."""
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, cols] = torch.randint(3, VOCAB, (n,))
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def grads(adapter):
+    out = [p.grad.clone() for p in (adapter.prompt, adapter.lora_A, adapter.lora_B)]
+    adapter.zero_grad()
+    return out
+
+
+def ones(rows, cols):
+    return torch.ones(rows, cols, dtype=torch.long)
+
+
+def test_apply_freezes_base_and_attaches_adapter():
+    model = apply_dept(tiny_gpt2(), M, R, S)
+    assert isinstance(model.dept, FusedDePTEmbedding) and model.dept.word_embeddings is model.get_input_embeddings()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"dept.prompt", "dept.lora_A", "dept.lora_B"}
+    assert not any(k.startswith("dept.word_embeddings") for k in model.state_dict())  # E is saved once, as wte
+    with pytest.raises(ValueError, match="already has a DePT adapter"):
+        apply_dept(model, M, R, S)
+    pt = apply_dept(tiny_gpt2(), M, 0, S)
+    assert {n for n, p in pt.named_parameters() if p.requires_grad} == {"dept.prompt"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_loss_and_grads_match_eager_composition(family, monkeypatch):
+    """Right-padded batch: the fused kernel, m ones in the mask, m x -100 labels for decoder-only."""
+    calls = []
+    monkeypatch.setattr(hf_dept, "dept_embedding_at_positions_reference", lambda *a, **k: calls.append(a))
+    build = FAMILIES[family]
+    torch.manual_seed(1)
+    model, base = dept_model(build), build()
+    ids, mask = padded_batch([7, 5], 7, "right")
+    seq2seq = model.config.is_encoder_decoder
+    labels = torch.randint(3, VOCAB, (2, 4)) if seq2seq else ids.masked_fill(mask == 0, -100)
+
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    assert not calls, "right padding must take the fused kernel"
+    d = model.dept
+    got = grads(d)
+    embeds = dept_embedding_reference(ids, d.weight, d.prompt, d.lora_A, d.lora_B, d.scaling)
+    ext_labels = labels if seq2seq else torch.cat([torch.full((2, M), -100), labels], 1)
+    ref = base(inputs_embeds=embeds, attention_mask=torch.cat([ones(2, M), mask], 1), labels=ext_labels)
+    ref.loss.backward()
+
+    real = slice(None) if seq2seq else torch.cat([ones(2, M), mask], 1).bool()  # pad logits are unconstrained
+    assert out.logits.shape == ref.logits.shape
+    assert rel_err(out.logits[real], ref.logits[real]) <= TOL
+    assert rel_err(out.loss, ref.loss) <= TOL
+    for name, g, want in zip(("prompt", "lora_A", "lora_B"), got, grads(d)):
+        assert rel_err(g, want) <= TOL, name
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_left_padded_rows_match_rows_alone(family):
+    """Position convention: each token's A row and model position count its row's real tokens."""
+    model = dept_model(DECODERS[family])
+    lengths = [6, 3]
+    ids, mask = padded_batch(lengths, 6, "left")
+    batch = model(input_ids=ids, attention_mask=mask).logits
+    for row, n in enumerate(lengths):
+        alone = model(input_ids=ids[row:row + 1, 6 - n:]).logits[0]
+        assert rel_err(batch[row, -n:], alone[-n:]) <= TOL
+        assert rel_err(batch[row, :M], alone[:M]) <= TOL
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_column_positions_on_request(family):
+    """position_ids=arange(L) gives every token its column (PEFT's and the DePT authors' convention)."""
+    build = DECODERS[family]
+    model, base = dept_model(build), build()
+    ids, mask = padded_batch([6, 3], 6, "left")
+    got = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(6)[None]).logits
+    d = model.dept
+    embeds = dept_embedding_reference(ids, d.weight, d.prompt, d.lora_A, d.lora_B, d.scaling)
+    ref = base(inputs_embeds=embeds, attention_mask=torch.cat([ones(2, M), mask], 1)).logits
+    real = torch.cat([ones(2, M), mask], 1).bool()
+    assert rel_err(got[real], ref[real]) <= TOL
+
+
+def greedy_without_cache(model, ids, mask, steps):
+    """Reference decoding: the whole sequence re-run at every step (first-pass path only). Decoder-only
+    rows are run one by one without their padding, so every step takes the fused kernel."""
+    if model.config.is_encoder_decoder:
+        out = ids.new_zeros(ids.shape[0], 1)  # decoder_start_token_id
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out, use_cache=False).logits
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return out
+    rows = []
+    for row_ids, row_mask in zip(ids, mask):
+        seq = row_ids[row_mask.bool()][None]
+        for _ in range(steps):
+            logits = model(input_ids=seq, use_cache=False).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        rows.append(seq[0, -steps:])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_matches_full_recompute(family):
+    """Cached decoding (update row = position, prompt only in the first pass) on a batch of 2, left
+    padded for decoder-only models, gives the tokens of re-running each whole sequence."""
+    model = dept_model(FAMILIES[family])
+    seq2seq = model.config.is_encoder_decoder
+    ids, mask = padded_batch([5, 3], 5, "right" if seq2seq else "left")
+    with torch.no_grad():
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        assert torch.equal(tokens, model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                                                  do_sample=False))
+        want = greedy_without_cache(model, ids, mask, 5)
+    assert torch.equal(tokens if seq2seq else tokens[:, -5:], want)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_sampling_generate_is_seeded(family):
+    model = dept_model(FAMILIES[family])
+    ids, mask = padded_batch([4, 2], 4, "right" if family == "t5" else "left")
+
+    def sample():
+        torch.manual_seed(7)
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=0)
+
+    first = sample()
+    assert first.shape[0] == 2 and torch.equal(first, sample())
+    assert first.min() >= 0 and first.max() < VOCAB
+
+
+def test_vanilla_prompt_tuning_through_the_same_api():
+    model = dept_model(tiny_llama, rank=0)
+    ids, mask = padded_batch([5, 5], 5, "right")
+    embeds_seen = []
+    model.model.register_forward_pre_hook(lambda mod, args, kw: embeds_seen.append(kw["inputs_embeds"]),
+                                          with_kwargs=True)
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    d = model.dept
+    want = torch.cat([d.prompt.detach().expand(2, -1, -1), d.word_embeddings(ids)], 1)
+    assert torch.equal(embeds_seen[0], want)
+    assert d.prompt.grad.abs().sum() > 0 and d.lora_A.grad is None
+
+
+def test_errors_name_the_problem():
+    model = dept_model(tiny_gpt2)
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=torch.randn(2, 5, 40))
+    with pytest.raises(ValueError, match="max_length"):
+        model(input_ids=torch.randint(3, VOCAB, (1, S + 1)))
+    with pytest.raises(ValueError, match=r"span \[16, 16\] but the DePT update covers \[0, 16\)"):
+        model.generate(input_ids=ids, attention_mask=ones(2, 5), max_new_tokens=S, do_sample=False)
+    with pytest.raises(ValueError, match="2-D attention_mask"):
+        model(input_ids=ids, attention_mask=torch.ones(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="attention_mask has 4 columns"):
+        model(input_ids=ids, attention_mask=ones(2, 4))
+    with pytest.raises(ValueError, match="token_type_ids"):
+        model(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+    with pytest.raises(TypeError, match="expected a transformers model"):
+        apply_dept(torch.nn.Linear(2, 2), M, R, S)
+    model.get_input_embeddings = lambda: torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="not an nn.Embedding"):
+        apply_dept(model, M, R, S)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's new name is not in 5.17
+def test_gradient_checkpointing_gives_the_same_step():
+    results = []
+    for checkpointing in (False, True):
+        model = dept_model(tiny_llama).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        ids, mask = padded_batch([6, 4], 6, "left")
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        results.append([loss.detach()] + grads(model.dept))
+    for plain, checkpointed in zip(*results):
+        assert torch.equal(plain, checkpointed)
