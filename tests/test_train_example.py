@@ -1,0 +1,17 @@
+"""examples/train_dept.py runs (few steps, small shapes) and its loss falls for PT and DePT."""
+import importlib.util
+import math
+import pathlib
+
+EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_dept.py"
+
+
+def test_training_example_runs_and_loss_falls():
+    spec = importlib.util.spec_from_file_location("train_dept", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--steps", "30", "--batch", "8", "--length", "16", "--prompt-len", "10"])
+    assert [r["name"] for r in results] == ["prompt tuning", "DePT"]
+    assert results[0]["trainable"] == results[1]["trainable"]  # budget() matched the parameter counts
+    for r in results:
+        assert math.isfinite(r["last"]) and r["last"] < r["first"] - 0.1, r
