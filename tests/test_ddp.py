@@ -7,6 +7,7 @@ gradient, up to fp32 summation order (rel_err <= 1e-5).
 """
 import os
 import tempfile
+import time
 from datetime import timedelta
 
 import pytest
@@ -47,6 +48,8 @@ def _rank(rank, init_file, out_file):
         half = {k: v.chunk(WORLD)[rank] for k, v in full_batch().items()}
         model(**half).loss.backward()
         torch.save(adapter_grads(model.module), f"{out_file}.{rank}")
+        del model  # free DDP's reducer while the group lives: freed after it, gloo's teardown can hang
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -58,7 +61,14 @@ def test_ddp_two_ranks_match_single_process():
     want = adapter_grads(single)
     # A directory of our own, not tmp_path: concurrent pytest sessions prune old basetemps.
     with tempfile.TemporaryDirectory() as scratch:
-        mp.spawn(_rank, args=(os.path.join(scratch, "init"), os.path.join(scratch, "grads")), nprocs=WORLD)
+        ranks = mp.spawn(_rank, args=(os.path.join(scratch, "init"), os.path.join(scratch, "grads")), nprocs=WORLD,
+                         join=False)
+        deadline = time.monotonic() + 300
+        while not ranks.join(timeout=1):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                pytest.fail("the DDP ranks did not finish within 300 s")
         got = [torch.load(os.path.join(scratch, f"grads.{rank}"), weights_only=True) for rank in range(WORLD)]
     for rank in range(WORLD):
         for name, g, w in zip(("prompt", "lora_A", "lora_B"), got[rank], want):
