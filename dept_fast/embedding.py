@@ -77,9 +77,12 @@ class FusedDePTEmbedding(nn.Module):
     def embedding_dim(self) -> int:
         return self.word_embeddings.embedding_dim
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(b, L) ids, L <= max_length -> (b, m + L, d) embeddings in the word embeddings' dtype."""
-        return dept_embedding(input_ids, self.word_embeddings.weight, self.prompt, self.lora_A, self.lora_B,
+    def forward(self, input_ids: torch.Tensor, with_prompt: bool = True) -> torch.Tensor:
+        """(b, L) ids, L <= max_length -> (b, m + L, d) embeddings in the word embeddings' dtype;
+        ``with_prompt=False`` gives the (b, L, d) tokens alone, ``E[ids] + scaling * (A @ B)[:L]``
+        (the same fused kernel with no prompt rows), for callers that feed the prompt another way."""
+        prompt = self.prompt if with_prompt else self.prompt[:0]
+        return dept_embedding(input_ids, self.word_embeddings.weight, prompt, self.lora_A, self.lora_B,
                               self.scaling, deterministic=self.deterministic,
                               padding_idx=self.word_embeddings.padding_idx)
 

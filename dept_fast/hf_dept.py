@@ -4,11 +4,17 @@ The adapter is a :class:`FusedDePTEmbedding` registered on the model as ``model.
 model is frozen and keeps its class, its forward signature and ``generate()``. Forward pre-hooks
 turn the caller's token ids into ``inputs_embeds`` before the model runs:
 
-* decoder-only (GPT-2, Llama, ...), a hook on the model: ``[P ; E[ids] + scaling * (A @ B)[pos]]``
-  on the first pass over a sequence (no cache yet), ``E[ids] + scaling * (A @ B)[pos]`` on later
-  generation steps (the prompt is already in the cache); m ones are prepended to
-  ``attention_mask``, m x -100 to ``labels``, and the model's ``position_ids`` become
-  ``[0..m-1 ; m + pos]``. The returned logits cover the m prompt positions too (as in PEFT).
+* decoder-only (GPT-2, Llama, ...), a hook on the model, one of two routes:
+
+  - shared prompt (``share_prompt``, the default where it is exact; :mod:`dept_fast.shared_prompt`):
+    the prompt runs once per batch (batch 1) and its per-layer K/V join every row's attention as
+    a prefix; the model sees ``E[ids] + scaling * (A @ B)[pos]`` at positions ``m + pos``, its
+    cache holds only real tokens, and logits cover the L input positions;
+  - prompt in every row: ``[P ; E[ids] + scaling * (A @ B)[pos]]`` on the first pass over a
+    sequence (no cache yet), ``E[ids] + scaling * (A @ B)[pos]`` on later generation steps (the
+    prompt is already in the cache); m ones are prepended to ``attention_mask``, m x -100 to
+    ``labels``, and the model's ``position_ids`` become ``[0..m-1 ; m + pos]``. The returned logits
+    cover the m prompt positions too (as in PEFT).
 * encoder-decoder (T5): the encoder input gets the prompt and update (labels are untouched);
   a hook on the model converts ``input_ids`` for its encoder call and extends the mask that the
   decoder's cross-attention sees, a hook on the encoder does the same when ``generate()`` calls
@@ -33,13 +39,16 @@ from torch import nn
 
 from .checkpoint import build_embedding, read_checkpoint
 from .embedding import FusedDePTEmbedding
+from .prefix_attention import prefix_attention_setup
 from .reference import dept_embedding_at_positions_reference
+from .shared_prompt import SharedPrompt
 
 ADAPTER_NAME = "dept"
+PREFIX_TUNING_NAME = "prefix_tuning"  # dept_fast.prefix_tuning.ADAPTER_NAME (that module imports this one)
 
 
 def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: int,
-               lora_alpha: float = 8.0) -> nn.Module:
+               lora_alpha: float = 8.0, share_prompt: Optional[bool] = None) -> nn.Module:
     """Freeze ``model`` and attach a fresh DePT adapter (``model.dept``) to its input embeddings.
 
     Args:
@@ -50,16 +59,25 @@ def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: 
         max_length: s, positions covered by the update: every real input token must sit at a
             position < s (shorter inputs are fine; nothing is padded to s).
         lora_alpha: scaling = lora_alpha / sqrt(r), as in the DePT authors' code.
+        share_prompt: run the prompt once per batch and share its keys/values with every row
+            (:mod:`dept_fast.shared_prompt`; exact in causal decoders). None: on for causal
+            decoders whose attention goes through transformers' ``AttentionInterface`` (GPT-2,
+            Llama, ...; the model is switched to the ``"dept_prefix"`` attention), off otherwise
+            (encoder-decoders such as T5, whose encoder is bidirectional). True: on, or a
+            ValueError/TypeError saying why it cannot be exact on this model. False: the prompt in
+            every row. ``model.dept.share_prompt`` tells which route was taken. With sharing, the
+            logits cover the L input positions only (not m + L).
 
     Returns:
         The same model object, called exactly as before (``input_ids``, ``attention_mask``,
         ``labels``, ``generate``); only ``model.dept``'s parameters require grad.
     """
     adapter = FusedDePTEmbedding(_word_embeddings(model), num_prompt_tokens, rank, max_length, lora_alpha)
-    return _attach(model, adapter)
+    return _attach(model, adapter, share_prompt)
 
 
-def load_dept(model: nn.Module, path: Union[str, os.PathLike], max_length: Optional[int] = None) -> nn.Module:
+def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Optional[bool] = None, *,
+              max_length: Optional[int] = None) -> nn.Module:
     """Freeze ``model`` and attach the DePT adapter saved in directory ``path``.
 
     Reads our format (``FusedDePTEmbedding.save_pretrained``), the DePT authors'
@@ -67,12 +85,13 @@ def load_dept(model: nn.Module, path: Union[str, os.PathLike], max_length: Optio
     :mod:`dept_fast.checkpoint`). ``max_length`` is used only for checkpoints that do not record
     one (PEFT prompt tuning); a decoder-only model defaults it to its position limit minus the
     prompt, an encoder-decoder model with relative positions (T5) has no limit and needs it passed.
+    ``share_prompt`` as in :func:`apply_dept`.
     """
     word_embeddings = _word_embeddings(model)
     state = read_checkpoint(path)
     if state.max_length is None and max_length is None:
         max_length = _position_limit(model, state.num_prompt_tokens)
-    return _attach(model, build_embedding(state, word_embeddings, max_length))
+    return _attach(model, build_embedding(state, word_embeddings, max_length), share_prompt)
 
 
 def _word_embeddings(model: nn.Module) -> nn.Embedding:
@@ -95,10 +114,14 @@ def _position_limit(model: nn.Module, num_prompt_tokens: int) -> Optional[int]:
     return limit - num_prompt_tokens
 
 
-def _attach(model: nn.Module, adapter: FusedDePTEmbedding) -> nn.Module:
+def _attach(model: nn.Module, adapter: FusedDePTEmbedding, share_prompt: Optional[bool]) -> nn.Module:
     if isinstance(getattr(model, ADAPTER_NAME, None), FusedDePTEmbedding):
         raise ValueError(f"{type(model).__name__} already has a DePT adapter (model.{ADAPTER_NAME}); "
                          "apply_dept/load_dept take a model without one")
+    if share_prompt not in (None, True, False):
+        raise TypeError(f"share_prompt must be None, True or False, got {share_prompt!r}")
+    shared = _shared_prompt(model, adapter, share_prompt)
+    adapter.share_prompt = shared is not None
     model.requires_grad_(False)
     model.add_module(ADAPTER_NAME, adapter)
     # E is the model's own tensor, saved under the model's name: keep it out of the adapter's state
@@ -113,8 +136,36 @@ def _attach(model: nn.Module, adapter: FusedDePTEmbedding) -> nn.Module:
         model.register_forward_pre_hook(_Seq2SeqHook(adapter, model.forward), with_kwargs=True)
         encoder.register_forward_pre_hook(_EncoderHook(adapter, encoder.forward), with_kwargs=True)
     else:
-        model.register_forward_pre_hook(_CausalLMHook(adapter, model.forward), with_kwargs=True)
+        model.register_forward_pre_hook(_CausalLMHook(adapter, model.forward, shared), with_kwargs=True)
+        if shared is not None:
+            model.register_forward_hook(shared.add_prompt_loss, with_kwargs=True)
     return model
+
+
+def _shared_prompt(model: nn.Module, adapter: FusedDePTEmbedding, share_prompt: Optional[bool]) -> Optional[SharedPrompt]:
+    """The shared-prompt route for ``model`` (see :func:`apply_dept`), or None for the prompt in every row."""
+    if share_prompt is False or adapter.num_prompt_tokens == 0:  # no prompt: nothing to share
+        return None
+    name = type(model).__name__
+    if model.config.is_encoder_decoder:
+        if share_prompt:
+            raise ValueError(f"share_prompt=True: {name} is an encoder-decoder model; its encoder attends both "
+                             "ways, so the prompt's keys/values depend on each row's input and cannot be shared")
+        return None
+    if hasattr(model, PREFIX_TUNING_NAME):
+        if share_prompt:
+            raise ValueError(f"share_prompt=True: {name} has Prefix-Tuning prefixes (model.{PREFIX_TUNING_NAME}), "
+                             "which take the same attention argument as a shared prompt; use share_prompt=False")
+        return None
+    try:
+        with prefix_attention_setup(model) as setup:
+            pass
+    except (TypeError, ValueError) as error:
+        if share_prompt:
+            raise type(error)(f"share_prompt=True cannot be exact on this model: {error}") from error
+        return None
+    takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return SharedPrompt(adapter, model, setup, takes_logits_to_keep)
 
 
 def _drop_word_embeddings(module: FusedDePTEmbedding, state_dict: Dict[str, Any], prefix: str, *_) -> None:
@@ -152,9 +203,9 @@ def token_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
 def embed_tokens(adapter: FusedDePTEmbedding, input_ids: torch.Tensor, positions: torch.Tensor,
                  attention_mask: Optional[torch.Tensor], with_prompt: bool) -> torch.Tensor:
     """``[P ;] E[ids] + scaling * (A @ B)[positions]``: the fused kernel when every real token sits
-    at its column and the prompt is prepended, the PyTorch path otherwise."""
-    if with_prompt and _positions_are_columns(positions, attention_mask):
-        return adapter(input_ids)
+    at its column, the PyTorch path otherwise."""
+    if _positions_are_columns(positions, attention_mask):
+        return adapter(input_ids, with_prompt=with_prompt)
     if positions.numel() and not torch.compiler.is_compiling():  # one host sync, as the fused path's id check
         low, high, low_id, high_id = torch.stack([*torch.aminmax(positions), *torch.aminmax(input_ids)]).tolist()
         if low < 0 or high >= adapter.max_length:
@@ -244,12 +295,15 @@ def encoder_inputs(adapter: FusedDePTEmbedding, kwargs: Dict[str, Any], input_id
 
 
 class _CausalLMHook(_Hook):
-    """Decoder-only models: prompt + update on the first pass, update only on cached steps.
-
-    ``__call__`` validates the call and works out each token's position; how the prompt then
-    reaches the model is one method, ``prompt_in_sequence`` (the prompt in every row). Another
-    route (e.g. a prompt run once and shared by all rows) is another method taking the same inputs.
+    """Decoder-only models: ``__call__`` validates the call and works out each token's position;
+    the prompt then reaches the model by one of two routes, ``prompt_shared`` (``shared`` given:
+    one prompt pass whose K/V every row attends to; the cache holds real tokens only) or
+    ``prompt_in_sequence`` (prompt + update on the first pass, update only on cached steps).
     """
+
+    def __init__(self, adapter: FusedDePTEmbedding, forward, shared: Optional[SharedPrompt]) -> None:
+        super().__init__(adapter, forward)
+        self.shared = shared
 
     def __call__(self, module: nn.Module, args: Tuple, kwargs: Dict[str, Any]):
         kwargs = self.bind(args, kwargs)
@@ -258,16 +312,30 @@ class _CausalLMHook(_Hook):
             raise ValueError("token_type_ids are not supported by a DePT model")
         m = self.adapter.num_prompt_tokens
         past = _past_length(kwargs.get("past_key_values"))
-        if 0 < past < m:
+        cached_prompt = 0 if self.shared is not None else m  # prompt tokens a cache of this model holds
+        if 0 < past < cached_prompt:
             raise ValueError(f"the cache holds {past} tokens, fewer than the {m} prompt tokens: it was not "
                              "built by this DePT model")
-        seen = max(past - m, 0)  # the caller's tokens already in the cache
+        seen = max(past - cached_prompt, 0)  # the caller's tokens already in the cache
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.shape[1] != seen + input_ids.shape[1]:
             raise ValueError(f"attention_mask has {mask.shape[1]} columns, expected {seen + input_ids.shape[1]} "
                              f"({seen} cached + {input_ids.shape[1]} new tokens; the prompt is added by the model)")
         positions = token_positions(input_ids, mask, kwargs.get("position_ids"), seen)
+        if self.shared is not None:
+            return (), self.prompt_shared(module, kwargs, input_ids, positions)
         return (), self.prompt_in_sequence(kwargs, input_ids, positions, first_pass=past == 0)
+
+    def prompt_shared(self, module: nn.Module, kwargs: Dict[str, Any], input_ids: torch.Tensor,
+                      positions: torch.Tensor) -> Dict[str, Any]:
+        """The rows carry their tokens alone, ``inputs_embeds`` (b, L, d) at positions m + pos; the
+        prompt's K/V come from :class:`SharedPrompt` (model positions are shifted there)."""
+        kwargs["inputs_embeds"] = embed_tokens(self.adapter, input_ids, positions, kwargs.get("attention_mask"),
+                                               with_prompt=False)
+        kwargs["input_ids"] = None
+        if self.takes_position_ids:
+            kwargs["position_ids"] = positions
+        return self.shared.input_kwargs(module, kwargs, shift_positions=self.takes_position_ids)
 
     def prompt_in_sequence(self, kwargs: Dict[str, Any], input_ids: torch.Tensor, positions: torch.Tensor,
                            first_pass: bool) -> Dict[str, Any]:

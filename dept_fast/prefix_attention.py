@@ -7,7 +7,7 @@ kwargs instead reach the attention function through every layer, and gradient ch
 them on recomputation; the model's own cache (generation) then holds only real tokens.
 
 Internal API, shared by Prefix-Tuning (``dept_fast.prefix_tuning``) and the shared soft prompt
-(issue 8), which must reuse it rather than copy it:
+(``dept_fast.shared_prompt``):
 
 * :data:`ATTENTION_NAME` ``"dept_prefix"``: registered at import with transformers'
   ``AttentionInterface`` (:func:`prefix_attention_forward`) and ``AttentionMaskInterface`` (the
@@ -27,8 +27,8 @@ Internal API, shared by Prefix-Tuning (``dept_fast.prefix_tuning``) and the shar
   Modules without a slot (e.g. T5 cross-attention) run the wrapped implementation untouched.
 * :func:`prefix_forward_kwargs` builds a stack's forward kwargs for one pass (the kwarg plus
   ``position_ids`` that start after the prefix); :func:`forward_arguments` turns a pre-hook's
-  (args, kwargs) into kwargs by name. :func:`use_non_reentrant_checkpointing` is the
-  reentrant-checkpointing guard.
+  (args, kwargs) into kwargs by name. :func:`begin_pass` is what a hook checks before every pass
+  (the model still uses the prefix attention; in training, the reentrant-checkpointing guard).
 * :func:`attend_with_prefix` is the one slot for a Triton prefix-attention kernel. Today it
   concatenates per layer (and, while generating, re-concatenates the growing cache every step).
 
@@ -44,7 +44,8 @@ Reentrant checkpointing (``use_reentrant=True``, transformers 4.x's default) doe
 gradients through tensors passed as kwargs (the prefix gradient comes out wrong, silently). The
 guard switches transformers' checkpointing functions to non-reentrant with a warning; any other
 reentrant wrapper is caught inside the attention function (recording was on when the pass began,
-is off in the attention, and the prefix requires grad) and refused with an error.
+is off in the attention, and the prefix requires grad, or a prompt pass is being captured) and
+refused with an error.
 """
 import functools
 import inspect
@@ -157,7 +158,7 @@ def attend_with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor
 
 _REENTRANT_ERROR = (
     "prefix attention: gradient recording was switched off between the model's forward and its attention "
-    "while the prefix requires grad. "
+    "while the prefix requires grad (or the keys/values captured for a shared prompt do). "
     "This is reentrant activation checkpointing (use_reentrant=True), which does not carry gradients "
     "through keyword arguments: the prefix gradient would be wrong. Use non-reentrant checkpointing, "
     "e.g. model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}).")
@@ -174,6 +175,8 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         _calls.append((module, key, dept_prefix is not None))
     slot = getattr(module, PREFIX_SLOT_ATTR, None)
     if slot is not None and spec.capture is not None:
+        if spec.grad_enabled and not torch.is_grad_enabled():  # the captured K/V would carry no gradient
+            raise RuntimeError(_REENTRANT_ERROR)
         spec.capture[slot] = (key, value)
     if slot is not None and spec.key_values is not None:
         prefix_key, prefix_value = spec.key_values[slot]
@@ -353,6 +356,25 @@ def prefix_forward_kwargs(kwargs: Dict[str, Any], key_values: Optional[Sequence[
     if key_values and shift_positions:
         kwargs["position_ids"] = prefix_position_ids(key_values[0][0].shape[2], kwargs)
     return kwargs
+
+
+def checkpointed_modules(model: nn.Module) -> List[nn.Module]:
+    """The modules of ``model`` that transformers' gradient checkpointing may switch on (for
+    :func:`begin_pass`)."""
+    return [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+
+
+def begin_pass(module: nn.Module, inner: str, checkpointed: Iterable[nn.Module]) -> None:
+    """Before a pass with prefix K/V through ``module`` (a stack, or the model around it): refuse
+    if its ``attn_implementation`` was switched away from :data:`ATTENTION_NAME`, and in training
+    switch reentrant checkpointing of ``checkpointed`` to non-reentrant
+    (:func:`use_non_reentrant_checkpointing`)."""
+    if module.config._attn_implementation != ATTENTION_NAME:
+        raise RuntimeError(f"{type(module).__name__}'s attn_implementation was changed to "
+                           f"{module.config._attn_implementation!r}; the prefix keys/values need "
+                           f"{ATTENTION_NAME!r} (it wraps {inner!r})")
+    if module.training:
+        use_non_reentrant_checkpointing(checkpointed)
 
 
 def use_non_reentrant_checkpointing(modules: Iterable[nn.Module]) -> None:

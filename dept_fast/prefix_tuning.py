@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import PEFT_CONFIG_NAME, _read_json, _read_peft_weights
-from .prefix_attention import (ATTENTION_NAME, forward_arguments, prefix_attention_setup, prefix_forward_kwargs,
-                               use_non_reentrant_checkpointing)
+from .prefix_attention import (begin_pass, checkpointed_modules, forward_arguments, prefix_attention_setup,
+                               prefix_forward_kwargs)
 from .prefix_encoder import FusedPrefixEncoder
 
 ADAPTER_NAME = "prefix_tuning"
@@ -127,6 +127,9 @@ def _attach(model: nn.Module, spec: Union[Tuple[int, Optional[int]], _Checkpoint
     if hasattr(model, ADAPTER_NAME):
         raise ValueError(f"{type(model).__name__} already has a prefix-tuning adapter (model.{ADAPTER_NAME}); "
                          "attach to a fresh model")
+    if getattr(getattr(model, "dept", None), "share_prompt", False):
+        raise ValueError(f"{type(model).__name__} has a DePT adapter sharing its prompt's keys/values, which take "
+                         "the same attention argument as prefixes; attach DePT with share_prompt=False to combine them")
     with prefix_attention_setup(model) as setup:
         device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
         if isinstance(spec, _Checkpoint):
@@ -145,7 +148,7 @@ def _attach(model: nn.Module, spec: Union[Tuple[int, Optional[int]], _Checkpoint
             _load_tensors(adapter, spec)
     model.requires_grad_(False)
     model.add_module(ADAPTER_NAME, adapter)
-    checkpointed = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+    checkpointed = checkpointed_modules(model)
     for name, stack in setup.stacks.items():
         stack.register_forward_pre_hook(_stack_hook(adapter, name, stack, checkpointed), with_kwargs=True)
     return model
@@ -157,12 +160,7 @@ def _stack_hook(adapter: PrefixTuning, name: str, stack: nn.Module, checkpointed
     shift_positions = "position_ids" in signature.parameters
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
-        if module.config._attn_implementation != ATTENTION_NAME:
-            raise RuntimeError(f"{type(module).__name__}'s attn_implementation was changed to "
-                               f"{module.config._attn_implementation!r}; the prefixes need {ATTENTION_NAME!r} "
-                               f"(it wraps {adapter.inner!r})")
-        if module.training:
-            use_non_reentrant_checkpointing(checkpointed)
+        begin_pass(module, adapter.inner, checkpointed)
         kwargs = forward_arguments(signature, args, kwargs)
         key_values = adapter.encoders[name].key_values()
         return (), prefix_forward_kwargs(kwargs, key_values, inner=adapter.inner, shift_positions=shift_positions)

@@ -100,6 +100,8 @@ def test_authors_checkpoint_gives_their_formula(build, submodules, tmp_path):
     E = model.get_input_embeddings().weight
     update = 16 / math.sqrt(R) * (tensors["prompt_encoder.lora_embedding_A"] @ tensors["prompt_encoder.lora_embedding_B"])
     want = torch.cat([tensors["prompt_embeddings"][:M].expand(2, -1, -1), E[ids] + update[:7]], 1)
+    if model.dept.share_prompt:  # GPT-2: the prompt pass (batch 1), then the tokens
+        seen = [torch.cat([seen[0].expand(2, -1, -1), seen[1]], 1)]
     assert rel_err(seen[0], want) <= 1e-6
 
     model.dept.save_pretrained(tmp_path / "ours")
@@ -133,10 +135,12 @@ def test_authors_checkpoint_with_B_but_no_A_is_refused(tmp_path):
         FusedDePTEmbedding.from_pretrained(tmp_path, nn.Embedding(VOCAB, 24))
 
 
-@pytest.mark.parametrize("build, task, safe", [(tiny_gpt2, "CAUSAL_LM", True), (tiny_gpt2, "CAUSAL_LM", False),
-                                               (tiny_t5, "SEQ_2_SEQ_LM", True)])
-def test_peft_prompt_tuning_checkpoint_matches_peft(build, task, safe, tmp_path):
-    """A checkpoint written by PEFT itself loads as rank 0 and gives PEFT's logits."""
+@pytest.mark.parametrize("build, task, safe, share", [(tiny_gpt2, "CAUSAL_LM", True, None),
+                                                      (tiny_gpt2, "CAUSAL_LM", False, False),
+                                                      (tiny_t5, "SEQ_2_SEQ_LM", True, None)])
+def test_peft_prompt_tuning_checkpoint_matches_peft(build, task, safe, share, tmp_path):
+    """A checkpoint written by PEFT itself loads as rank 0 and gives PEFT's logits (of the input
+    positions alone when the prompt is shared)."""
     peft = pytest.importorskip("peft")
     peft_model = peft.get_peft_model(build(), peft.PromptTuningConfig(task_type=task, num_virtual_tokens=M))
     with torch.no_grad():
@@ -145,7 +149,8 @@ def test_peft_prompt_tuning_checkpoint_matches_peft(build, task, safe, tmp_path)
     if task == "SEQ_2_SEQ_LM":  # T5 has no position limit to default to
         with pytest.raises(ValueError, match="records no max_length"):
             load_dept(build(), tmp_path)
-    model = load_dept(build(), tmp_path, max_length=None if task == "CAUSAL_LM" else 64)
+    model = load_dept(build(), tmp_path, share, max_length=None if task == "CAUSAL_LM" else 64)
+    assert model.dept.share_prompt == (share is None and task == "CAUSAL_LM")
     assert model.dept.rank == 0 and model.dept.num_prompt_tokens == M
     assert model.dept.max_length == (128 - M if task == "CAUSAL_LM" else 64)  # GPT-2: n_positions - m
     ids, mask = torch.randint(3, VOCAB, (2, 6)), torch.ones(2, 6, dtype=torch.long)
@@ -153,6 +158,8 @@ def test_peft_prompt_tuning_checkpoint_matches_peft(build, task, safe, tmp_path)
     with torch.no_grad():
         want = peft_model(input_ids=ids, attention_mask=mask, **extra).logits
         got = model(input_ids=ids, attention_mask=mask, **extra).logits
+    if model.dept.share_prompt:
+        want = want[:, M:]
     assert rel_err(got, want) <= 1e-6
 
 

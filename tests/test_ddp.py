@@ -23,8 +23,8 @@ from tiny_models import VOCAB, tiny_gpt2
 WORLD = 2
 
 
-def dept_gpt2():
-    model = apply_dept(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), 3, 4, 16).train()
+def dept_gpt2(share):
+    model = apply_dept(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), 3, 4, 16, share_prompt=share).train()
     with torch.no_grad():
         model.dept.lora_B.copy_(torch.linspace(-1, 1, model.dept.lora_B.numel()).view_as(model.dept.lora_B))
     return model
@@ -40,11 +40,11 @@ def adapter_grads(model):
     return [p.grad.clone() for p in (model.dept.prompt, model.dept.lora_A, model.dept.lora_B)]
 
 
-def _rank(rank, init_file, out_file):
+def _rank(rank, share, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=120))  # fail rather than hang if a rank dies
     try:
-        model = DistributedDataParallel(dept_gpt2())
+        model = DistributedDataParallel(dept_gpt2(share))
         half = {k: v.chunk(WORLD)[rank] for k, v in full_batch().items()}
         model(**half).loss.backward()
         torch.save(adapter_grads(model.module), f"{out_file}.{rank}")
@@ -55,14 +55,15 @@ def _rank(rank, init_file, out_file):
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_ddp_two_ranks_match_single_process():
-    single = dept_gpt2()
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prompt", "prompt-in-every-row"])
+def test_ddp_two_ranks_match_single_process(share):
+    single = dept_gpt2(share)
     single(**full_batch()).loss.backward()
     want = adapter_grads(single)
     # A directory of our own, not tmp_path: concurrent pytest sessions prune old basetemps.
     with tempfile.TemporaryDirectory() as scratch:
-        ranks = mp.spawn(_rank, args=(os.path.join(scratch, "init"), os.path.join(scratch, "grads")), nprocs=WORLD,
-                         join=False)
+        ranks = mp.spawn(_rank, args=(share, os.path.join(scratch, "init"), os.path.join(scratch, "grads")),
+                         nprocs=WORLD, join=False)
         deadline = time.monotonic() + 300
         while not ranks.join(timeout=1):  # raises if a rank failed
             if time.monotonic() > deadline:

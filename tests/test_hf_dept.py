@@ -1,5 +1,7 @@
 """apply_dept on tiny GPT-2, GQA Llama and T5: parity with the eager composition, padding and
-position conventions, generate(), and clear errors.
+position conventions, generate(), and clear errors. Decoder-only tests run both routes of the
+prompt: shared (the default, ``share_prompt=None``; logits cover the inputs only) and in every row
+(``share_prompt=False``). tests/test_shared_prompt.py compares the two routes directly.
 
 Tolerances: the fused kernel and the eager reference both compute in fp32 and differ only in
 summation order (<= 1e-6 relative at the embeddings); two transformer layers amplify that a
@@ -18,11 +20,15 @@ M, R, S = 3, 4, 16
 TOL = 1e-5
 DECODERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 FAMILIES = {**DECODERS, "t5": tiny_t5}
+# share_prompt values: None shares the prompt in causal decoders (T5: in every row), False never does.
+ROUTES = pytest.mark.parametrize("share", [None, False], ids=["shared", "every-row"])
+FAMILY_ROUTES = pytest.mark.parametrize("family, share", [(family, share) for family in FAMILIES for share in (None, False)
+                                                         if family in DECODERS or share is None])
 
 
-def dept_model(build, rank=R):
+def dept_model(build, rank=R, share=None):
     """A DePT model whose update is non-zero (B is zero at initialisation)."""
-    model = apply_dept(build(), M, rank, S)
+    model = apply_dept(build(), M, rank, S, share_prompt=share)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens in every row
     if rank:
         with torch.no_grad():
@@ -63,14 +69,14 @@ def test_apply_freezes_base_and_attaches_adapter():
     assert {n for n, p in pt.named_parameters() if p.requires_grad} == {"dept.prompt"}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_forward_loss_and_grads_match_eager_composition(family, monkeypatch):
+@FAMILY_ROUTES
+def test_forward_loss_and_grads_match_eager_composition(family, share, monkeypatch):
     """Right-padded batch: the fused kernel, m ones in the mask, m x -100 labels for decoder-only."""
     calls = []
     monkeypatch.setattr(hf_dept, "dept_embedding_at_positions_reference", lambda *a, **k: calls.append(a))
     build = FAMILIES[family]
     torch.manual_seed(1)
-    model, base = dept_model(build), build()
+    model, base = dept_model(build, share=share), build()
     ids, mask = padded_batch([7, 5], 7, "right")
     seq2seq = model.config.is_encoder_decoder
     labels = torch.randint(3, VOCAB, (2, 4)) if seq2seq else ids.masked_fill(mask == 0, -100)
@@ -86,37 +92,45 @@ def test_forward_loss_and_grads_match_eager_composition(family, monkeypatch):
     ref.loss.backward()
 
     real = slice(None) if seq2seq else torch.cat([ones(2, M), mask], 1).bool()  # pad logits are unconstrained
-    assert out.logits.shape == ref.logits.shape
-    assert rel_err(out.logits[real], ref.logits[real]) <= TOL
+    ref_logits = ref.logits
+    if d.share_prompt:  # logits of the input positions only
+        ref_logits, real = ref_logits[:, M:], real[:, M:]
+    assert out.logits.shape == ref_logits.shape
+    assert rel_err(out.logits[real], ref_logits[real]) <= TOL
     assert rel_err(out.loss, ref.loss) <= TOL
     for name, g, want in zip(("prompt", "lora_A", "lora_B"), got, grads(d)):
         assert rel_err(g, want) <= TOL, name
 
 
+@ROUTES
 @pytest.mark.parametrize("family", DECODERS)
-def test_left_padded_rows_match_rows_alone(family):
+def test_left_padded_rows_match_rows_alone(family, share):
     """Position convention: each token's A row and model position count its row's real tokens."""
-    model = dept_model(DECODERS[family])
+    model = dept_model(DECODERS[family], share=share)
     lengths = [6, 3]
     ids, mask = padded_batch(lengths, 6, "left")
     batch = model(input_ids=ids, attention_mask=mask).logits
     for row, n in enumerate(lengths):
         alone = model(input_ids=ids[row:row + 1, 6 - n:]).logits[0]
         assert rel_err(batch[row, -n:], alone[-n:]) <= TOL
-        assert rel_err(batch[row, :M], alone[:M]) <= TOL
+        if not model.dept.share_prompt:
+            assert rel_err(batch[row, :M], alone[:M]) <= TOL
 
 
+@ROUTES
 @pytest.mark.parametrize("family", DECODERS)
-def test_column_positions_on_request(family):
+def test_column_positions_on_request(family, share):
     """position_ids=arange(L) gives every token its column (PEFT's and the DePT authors' convention)."""
     build = DECODERS[family]
-    model, base = dept_model(build), build()
+    model, base = dept_model(build, share=share), build()
     ids, mask = padded_batch([6, 3], 6, "left")
     got = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(6)[None]).logits
     d = model.dept
     embeds = dept_embedding_reference(ids, d.weight, d.prompt, d.lora_A, d.lora_B, d.scaling)
     ref = base(inputs_embeds=embeds, attention_mask=torch.cat([ones(2, M), mask], 1)).logits
     real = torch.cat([ones(2, M), mask], 1).bool()
+    if d.share_prompt:
+        ref, real = ref[:, M:], real[:, M:]
     assert rel_err(got[real], ref[real]) <= TOL
 
 
@@ -139,11 +153,11 @@ def greedy_without_cache(model, ids, mask, steps):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generate_matches_full_recompute(family):
-    """Cached decoding (update row = position, prompt only in the first pass) on a batch of 2, left
-    padded for decoder-only models, gives the tokens of re-running each whole sequence."""
-    model = dept_model(FAMILIES[family])
+@FAMILY_ROUTES
+def test_greedy_generate_matches_full_recompute(family, share):
+    """Cached decoding (update row = position, prompt only in the first pass or shared) on a batch
+    of 2, left padded for decoder-only models, gives the tokens of re-running each whole sequence."""
+    model = dept_model(FAMILIES[family], share=share)
     seq2seq = model.config.is_encoder_decoder
     ids, mask = padded_batch([5, 3], 5, "right" if seq2seq else "left")
     with torch.no_grad():
@@ -154,9 +168,9 @@ def test_greedy_generate_matches_full_recompute(family):
     assert torch.equal(tokens if seq2seq else tokens[:, -5:], want)
 
 
-@pytest.mark.parametrize("family", ["llama", "t5"])
-def test_sampling_generate_is_seeded(family):
-    model = dept_model(FAMILIES[family])
+@pytest.mark.parametrize("family, share", [("llama", None), ("llama", False), ("t5", None)])
+def test_sampling_generate_is_seeded(family, share):
+    model = dept_model(FAMILIES[family], share=share)
     ids, mask = padded_batch([4, 2], 4, "right" if family == "t5" else "left")
 
     def sample():
@@ -168,8 +182,9 @@ def test_sampling_generate_is_seeded(family):
     assert first.min() >= 0 and first.max() < VOCAB
 
 
-def test_vanilla_prompt_tuning_through_the_same_api():
-    model = dept_model(tiny_llama, rank=0)
+@ROUTES
+def test_vanilla_prompt_tuning_through_the_same_api(share):
+    model = dept_model(tiny_llama, rank=0, share=share)
     ids, mask = padded_batch([5, 5], 5, "right")
     embeds_seen = []
     model.model.register_forward_pre_hook(lambda mod, args, kw: embeds_seen.append(kw["inputs_embeds"]),
@@ -177,6 +192,9 @@ def test_vanilla_prompt_tuning_through_the_same_api():
     model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     d = model.dept
     want = torch.cat([d.prompt.detach().expand(2, -1, -1), d.word_embeddings(ids)], 1)
+    if d.share_prompt:  # the prompt alone (batch 1), then the tokens alone
+        assert [tuple(e.shape) for e in embeds_seen] == [(1, M, 48), (2, 5, 48)]
+        embeds_seen = [torch.cat([embeds_seen[0].expand(2, -1, -1), embeds_seen[1]], 1)]
     assert torch.equal(embeds_seen[0], want)
     assert d.prompt.grad.abs().sum() > 0 and d.lora_A.grad is None
 
@@ -203,11 +221,12 @@ def test_errors_name_the_problem():
         apply_dept(model, M, R, S)
 
 
+@ROUTES
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's new name is not in 5.17
-def test_gradient_checkpointing_gives_the_same_step():
+def test_gradient_checkpointing_gives_the_same_step(share):
     results = []
     for checkpointing in (False, True):
-        model = dept_model(tiny_llama).train()
+        model = dept_model(tiny_llama, share=share).train()
         if checkpointing:
             model.gradient_checkpointing_enable()
         ids, mask = padded_batch([6, 4], 6, "left")

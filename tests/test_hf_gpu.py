@@ -8,17 +8,17 @@ import torch
 
 from dept_fast import dept_embedding_reference
 from numerics import rel_err
-from test_hf_dept import FAMILIES, M, dept_model, greedy_without_cache, padded_batch
+from test_hf_dept import FAMILIES, FAMILY_ROUTES, M, dept_model, greedy_without_cache, padded_batch
 from tiny_models import VOCAB
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_forward_matches_eager_composition(family, dtype, tol):
+@FAMILY_ROUTES
+def test_cuda_forward_matches_eager_composition(family, share, dtype, tol):
     build = FAMILIES[family]
-    model, base = dept_model(build).to("cuda", dtype), build().to("cuda", dtype)
+    model, base = dept_model(build, share=share).to("cuda", dtype), build().to("cuda", dtype)
     ids, mask = (t.cuda() for t in padded_batch([7, 7], 7, "right"))
     extra = {"decoder_input_ids": ids[:, :3]} if model.config.is_encoder_decoder else {}
     got = model(input_ids=ids, attention_mask=mask, **extra).logits
@@ -26,12 +26,14 @@ def test_cuda_forward_matches_eager_composition(family, dtype, tol):
     embeds = dept_embedding_reference(ids, d.weight, d.prompt, d.lora_A, d.lora_B, d.scaling)
     ones = torch.ones(2, M, dtype=mask.dtype, device="cuda")
     want = base(inputs_embeds=embeds, attention_mask=torch.cat([ones, mask], 1), **extra).logits
+    if d.share_prompt:
+        want = want[:, M:]
     assert rel_err(got.float(), want.float()) <= tol
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_generate_matches_full_recompute(family):
-    model = dept_model(FAMILIES[family]).cuda()
+@FAMILY_ROUTES
+def test_cuda_generate_matches_full_recompute(family, share):
+    model = dept_model(FAMILIES[family], share=share).cuda()
     side = "right" if model.config.is_encoder_decoder else "left"
     ids, mask = (t.cuda() for t in padded_batch([5, 3], 5, side))
     with torch.no_grad():

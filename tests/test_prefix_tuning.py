@@ -173,7 +173,7 @@ def test_bidirectional_encoder_is_refused_and_left_as_it_was():
 def test_switching_the_attention_away_is_refused():
     model = adapted("gpt2")
     model.set_attn_implementation("sdpa")
-    with pytest.raises(RuntimeError, match="was changed to 'sdpa'; the prefixes need 'dept_prefix'"):
+    with pytest.raises(RuntimeError, match="was changed to 'sdpa'; the prefix keys/values need 'dept_prefix'"):
         model(**inputs(model))
 
 
