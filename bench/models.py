@@ -5,7 +5,6 @@ no optimizer. On CUDA the shapes are the ones issue 5 names (T5-base at b 32, s 
 8-layer decoder); on CPU they are scaled down so that a smoke run stays short, and every record
 says so. Suites import :data:`MODEL_CASES` and :func:`step_runner`.
 """
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -40,11 +39,14 @@ class ModelCase:
     def hidden(self) -> int:
         return self.config["d_model" if self.family == "t5" else "hidden_size"]
 
-    def shape(self) -> str:
+    def shape(self, adapters: Optional[str] = None) -> str:
+        """The base model and batch, then ``adapters`` (default: every adapter size of this case)."""
         layers = self.config.get("num_hidden_layers") or self.config["num_layers"]
+        if adapters is None:
+            adapters = (f"PT l{self.prompt_len}, DePT m{self.dept_prompt} r{self.dept_rank}, "
+                        f"prefix p{self.prefix_len}")
         text = (f"{layers} layers d{self.hidden}, b{self.batch} L{self.seq_len}" +
-                (f" T{self.target_len}" if self.target_len else "") + f", PT l{self.prompt_len}, "
-                f"DePT m{self.dept_prompt} r{self.dept_rank}, prefix p{self.prefix_len}, {str(self.dtype)[6:]}")
+                (f" T{self.target_len}" if self.target_len else "") + f", {adapters}, {str(self.dtype)[6:]}")
         return text + (", scaled down for CPU" if self.scaled else "")
 
 
@@ -148,13 +150,10 @@ class StepRun:
 METHODS = ["pt-eager", "dept-eager", "dept-fused", "dept-apply", "prefix"]
 
 
-def missing_api(method: str, device: torch.device) -> Optional[str]:
+def unavailable(method: str, device: torch.device) -> Optional[str]:
     """Why ``method`` cannot run here, or None."""
     if method == "dept-fused" and device.type != "cuda":
         return "the fused kernels need CUDA; on CPU FusedDePTEmbedding runs the eager reference (= dept-eager)"
-    needs = {"dept-apply": "apply_dept", "prefix": "apply_prefix_tuning"}.get(method)
-    if needs and not hasattr(dept_fast, needs):
-        return f"dept_fast.{needs} does not exist yet in this checkout"
     return None
 
 
@@ -167,10 +166,9 @@ def step_runner(method: str, case: ModelCase, device: torch.device) -> StepRun:
         stage, params = prompt_stage(model, n_prompt, rank, case.seq_len, fused=method == "dept-fused")
         return StepRun(embeds_step(model, stage, n_prompt, batch, case.decoder_only), params, stage, n_prompt)
     if method == "dept-apply":
-        # Sharing the prompt's K/V (issue 8) is a different step; this one measures the plain path.
-        takes_share = "share_prompt" in inspect.signature(dept_fast.apply_dept).parameters
-        share = {"share_prompt": False} if takes_share else {}
-        model = dept_fast.apply_dept(model, case.dept_prompt, case.dept_rank, case.seq_len, **share)
+        # The prompt in every row, as the dept-eager/dept-fused steps feed it; the shared prompt is
+        # compared with it in bench/test_shared_prompt_step.py.
+        model = dept_fast.apply_dept(model, case.dept_prompt, case.dept_rank, case.seq_len, share_prompt=False)
     elif method == "prefix":
         model = dept_fast.apply_prefix_tuning(model, case.prefix_len, projection_dim=case.prefix_mid)
     else:

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from .measure import measure, time_ms
-from .models import METHODS, MODEL_CASES, missing_api, step_runner
+from .models import METHODS, MODEL_CASES, unavailable, step_runner
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", MODEL_CASES)
 def test_model_step(benchmark, device, name, method):
-    reason = missing_api(method, device)
+    reason = unavailable(method, device)
     if reason:
         pytest.skip(reason)
     case = MODEL_CASES[name]
