@@ -1,6 +1,6 @@
 """Prompt tuning vs DePT at the same parameter budget, on a tiny GPT-2 built from a config.
 
-    python examples/train_dept.py                # ~1 minute on a laptop CPU
+    python examples/train_dept.py                # ~15 s on 2 CPU cores
     python examples/train_dept.py --steps 20     # a quick look
 
 The frozen base model is randomly initialised (nothing is downloaded); the task is language

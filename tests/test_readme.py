@@ -14,5 +14,8 @@ def test_readme_has_examples():
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_example_runs(code, tmp_path, monkeypatch):
+    """As a newcomer runs it on a CPU: the PyTorch paths, not the Triton interpreter that conftest.py
+    switches on for the kernel tests (dept_fast decides per call, so unsetting it here is enough)."""
     monkeypatch.chdir(tmp_path)  # examples that save checkpoints write into a scratch folder
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
