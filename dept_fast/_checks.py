@@ -32,6 +32,8 @@ def check_dept_inputs(input_ids: torch.Tensor, weight: torch.Tensor, prompt: tor
     _need(input_ids.device == weight.device,
           f"input_ids are on {input_ids.device} but the word embeddings are on {weight.device}; "
           f"move them with input_ids.to({str(weight.device)!r})")
+    _need(lora_A.dtype == lora_B.dtype,
+          f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype", TypeError)
     vocab, dim = weight.shape
     max_length, rank = lora_A.shape
     _need(prompt.shape[1] == dim, f"prompt has width {prompt.shape[1]}, the word embeddings {dim}")

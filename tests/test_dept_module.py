@@ -105,6 +105,8 @@ def test_mismatched_devices_and_shapes_raise():
         dept_fast.dept_embedding(**{**args, "lora_A": torch.randn(16, 5, device="meta")})
     with pytest.raises(TypeError, match="word embeddings must be float32"):
         dept_fast.dept_embedding(**{**args, "weight": torch.zeros(50, 40, dtype=torch.int32)})
+    with pytest.raises(TypeError, match=r"lora_A \(torch.bfloat16\) and lora_B \(torch.float32\) must share a dtype"):
+        dept_fast.dept_embedding(**{**args, "lora_A": torch.randn(16, 5, dtype=torch.bfloat16)})
 
 
 @pytest.mark.parametrize("kwargs, match", [
