@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dept_fast.hf_dept as hf_dept
+from decoding import assert_same_decoding, generate, reference_decode
 from dept_fast import FusedDePTEmbedding, apply_dept, dept_embedding_reference
 from numerics import rel_err
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
@@ -168,18 +169,16 @@ def test_greedy_generate_matches_full_recompute(family, share):
     assert torch.equal(tokens if seq2seq else tokens[:, -5:], want)
 
 
-@pytest.mark.parametrize("family, share", [("llama", None), ("llama", False), ("t5", None)])
-def test_sampling_generate_is_seeded(family, share):
+@FAMILY_ROUTES
+def test_seeded_sampling_matches_uncached_sampling(family, share):
+    """Sampling draws from the distributions of full uncached forwards: with one seed, the same
+    tokens and per-step logits (a wrong cached step would change the probabilities, so the draws)."""
     model = dept_model(FAMILIES[family], share=share)
-    ids, mask = padded_batch([4, 2], 4, "right" if family == "t5" else "left")
-
-    def sample():
-        torch.manual_seed(7)
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=0)
-
-    first = sample()
-    assert first.shape[0] == 2 and torch.equal(first, sample())
-    assert first.min() >= 0 and first.max() < VOCAB
+    ids, mask = padded_batch([5, 3], 5, "right" if model.config.is_encoder_decoder else "left")
+    with torch.no_grad():
+        decoded = generate(model, ids, mask, sample_seed=7)
+        assert_same_decoding(decoded, reference_decode(model, ids, mask, sample_seed=7))
+        assert not torch.equal(decoded[0], generate(model, ids, mask, sample_seed=8)[0])  # the draws depend on it
 
 
 @ROUTES
