@@ -48,13 +48,14 @@ if [ ${#failed[@]} -ne 0 ]; then echo "environment check failed; stopping" | tee
 
 # Limits add up to 540 s (+20 s grace per interrupted step) for a 600 s device command.
 # The whole test suite runs on CUDA here: the device fixture and the gpu-marked tests switch on.
-step tests 150 "$PY" -m pytest tests -q -p no:cacheprovider
+step tests 120 "$PY" -m pytest tests -q -p no:cacheprovider
 
 # Stage suites are the bench/ tests whose names contain "stage"; all others are model-level.
 BENCH=("$PY" -m pytest bench --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.2
        --benchmark-columns=min,median,max,rounds --benchmark-sort=name)
-step bench-stage 220 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
-step bench-model 120 "${BENCH[@]}" -k "not stage" --benchmark-json="$OUT/bench_model.json"
+step bench-stage 180 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
+# Model-level: test_model_step.py, test_shared_prompt_step.py, test_prefix_peft_step.py (26 steps).
+step bench-model 190 "${BENCH[@]}" -k "not stage" --benchmark-json="$OUT/bench_model.json"
 
 jsons=()
 for f in "$OUT/bench_stage.json" "$OUT/bench_model.json"; do [ -s "$f" ] && jsons+=("$f"); done

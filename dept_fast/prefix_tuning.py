@@ -2,8 +2,9 @@
 
 The adapter, :class:`PrefixTuning`, is registered on the model as ``model.prefix_tuning``: one
 :class:`FusedPrefixEncoder` per attention stack (``"decoder"`` for GPT-2, Llama and other causal
-decoders; ``"encoder"`` and ``"decoder"`` for T5, following Li & Liang: a prefix for the encoder's
-and for the decoder's self-attention). The base model is frozen and keeps its class, forward
+decoders; ``"encoder"`` and ``"decoder"`` for T5, the paper's encoder and decoder prefixes, on the
+encoder's and the decoder's self-attention; Li & Liang's code's third prefix, on the decoder's
+cross-attention, is not implemented). The base model is frozen and keeps its class, forward
 signature and ``generate()``. A forward pre-hook on each stack evaluates its encoder and passes the
 per-layer prefixes to the prefix attention function (``dept_fast.prefix_attention``) as the
 ``dept_prefix`` kwarg, with ``position_ids`` starting at p (``prefix_position_ids``).
