@@ -1,8 +1,10 @@
 """One training step of Prefix-Tuning on a Llama-shaped decoder: dept_fast's prefix attention route
 vs PEFT's ``past_key_values`` route, with and without gradient checkpointing (issue 7).
 
-Both build the prefixes with the same reparameterization MLP (Embedding(p, d) -> Linear(d, mid) ->
-tanh -> Linear(mid, layers * 2 * kv_heads * head_dim)); the base model is frozen. Methods:
+Both build the prefixes with a reparameterization MLP of width mid (Embedding(p, e) -> Linear(e, mid)
+-> tanh -> Linear(mid, layers * 2 * kv_heads * head_dim)): e is the hidden size d for us (as Li &
+Liang), PEFT's token_dim (kv_heads * head_dim) for PEFT, hence the different trainable counts under
+grouped-query attention; the MLP is a negligible part of a step. The base model is frozen. Methods:
 ``dept_fast``, ``peft``, and each with ``+ckpt`` (``gradient_checkpointing_enable(use_reentrant=False)``).
 PEFT's cache route does not survive checkpointing in training (transformers drops the cache); when
 its step raises, that record is skipped with the error as the reason. Shape on CUDA: LLAMA_8L,
