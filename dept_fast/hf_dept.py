@@ -164,8 +164,7 @@ def _shared_prompt(model: nn.Module, adapter: FusedDePTEmbedding, share_prompt: 
         if share_prompt:
             raise type(error)(f"share_prompt=True cannot be exact on this model: {error}") from error
         return None
-    takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    return SharedPrompt(adapter, model, setup, takes_logits_to_keep)
+    return SharedPrompt(adapter, model, setup)
 
 
 def _drop_word_embeddings(module: FusedDePTEmbedding, state_dict: Dict[str, Any], prefix: str, *_) -> None:

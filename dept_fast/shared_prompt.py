@@ -23,6 +23,7 @@ are kept until a parameter of the model (the prompt or a base weight) changes in
 optimizer step or ``load_state_dict`` does: its version counter moves) or is replaced (as ``.to()``
 does), or the model moves to another dtype or device.
 """
+import inspect
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -52,13 +53,12 @@ class SharedPrompt:
     completes the loss.
     """
 
-    def __init__(self, adapter: FusedDePTEmbedding, model: nn.Module, setup: PrefixAttentionSetup,
-                 takes_logits_to_keep: bool) -> None:
+    def __init__(self, adapter: FusedDePTEmbedding, model: nn.Module, setup: PrefixAttentionSetup) -> None:
         self.adapter = adapter
         self.inner = setup.inner
         self.num_layers = setup.layouts["decoder"][0]
         self.checkpointed = checkpointed_modules(model)
-        self.takes_logits_to_keep = takes_logits_to_keep
+        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._cached: Optional[Tuple[Tuple[Any, ...], torch.Tensor, PromptStates]] = None
         self._pending: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (labels, prompt logits)
 
