@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import PEFT_CONFIG_NAME, _read_json, _read_peft_weights
+from .hf_dept import ADAPTER_NAME as DEPT_ADAPTER_NAME
 from .prefix_attention import (begin_pass, checkpointed_modules, forward_arguments, prefix_attention_setup,
                                prefix_forward_kwargs)
 from .prefix_encoder import FusedPrefixEncoder
@@ -128,7 +129,7 @@ def _attach(model: nn.Module, spec: Union[Tuple[int, Optional[int]], _Checkpoint
     if hasattr(model, ADAPTER_NAME):
         raise ValueError(f"{type(model).__name__} already has a prefix-tuning adapter (model.{ADAPTER_NAME}); "
                          "attach to a fresh model")
-    if getattr(getattr(model, "dept", None), "share_prompt", False):
+    if getattr(getattr(model, DEPT_ADAPTER_NAME, None), "share_prompt", False):
         raise ValueError(f"{type(model).__name__} has a DePT adapter sharing its prompt's keys/values, which take "
                          "the same attention argument as prefixes; attach DePT with share_prompt=False to combine them")
     with prefix_attention_setup(model) as setup:
