@@ -39,7 +39,7 @@ from torch import nn
 
 from .checkpoint import build_embedding, read_checkpoint
 from .embedding import FusedDePTEmbedding
-from .prefix_attention import prefix_attention_setup
+from .prefix_attention import cached_length, prefix_attention_setup
 from .reference import dept_embedding_at_positions_reference
 from .shared_prompt import SharedPrompt
 
@@ -236,10 +236,6 @@ def _prepend(tensor: torch.Tensor, count: int, value: int) -> torch.Tensor:
     return torch.cat([head, tensor], dim=1)
 
 
-def _past_length(past_key_values: Any) -> int:
-    return 0 if past_key_values is None else int(past_key_values.get_seq_length())
-
-
 # ---------------------------------------------------------------------------------------------
 # Forward pre-hooks
 
@@ -310,7 +306,7 @@ class _CausalLMHook(_Hook):
         if kwargs.get("token_type_ids") is not None:
             raise ValueError("token_type_ids are not supported by a DePT model")
         m = self.adapter.num_prompt_tokens
-        past = _past_length(kwargs.get("past_key_values"))
+        past = cached_length(kwargs)
         cached_prompt = 0 if self.shared is not None else m  # prompt tokens a cache of this model holds
         if 0 < past < cached_prompt:
             raise ValueError(f"the cache holds {past} tokens, fewer than the {m} prompt tokens: it was not "

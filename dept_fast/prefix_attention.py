@@ -341,9 +341,20 @@ def prefix_position_ids(n_prefix: int, kwargs: Dict[str, Any]) -> torch.Tensor:
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2:
         return (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -q_len:] + n_prefix
-    cache = kwargs.get("past_key_values")
-    past = cache.get_seq_length() if cache is not None else 0
+    past = cached_length(kwargs)
     return torch.arange(past + n_prefix, past + n_prefix + q_len, device=inputs.device).unsqueeze(0)
+
+
+CACHE_KWARGS = ("cache", "past_key_values")
+"""The generation cache's forward argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+
+
+def cached_length(kwargs: Dict[str, Any]) -> int:
+    """Tokens already in the generation cache a forward's kwargs carry (0 without one)."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return int(kwargs[name].get_seq_length())
+    return 0
 
 
 def prefix_forward_kwargs(kwargs: Dict[str, Any], key_values: Optional[Sequence[KeyValue]] = None,
