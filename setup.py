@@ -12,7 +12,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["dept_fast", "dept_fast.kernels"],
+    packages=["dept_fast", "dept_fast.ops", "dept_fast.modules", "dept_fast.hf", "dept_fast.checkpoint",
+              "dept_fast.kernels"],
     package_dir={"dept_fast": "dept_fast", "dept_fast.kernels": "kernels"},
     install_requires=[
         # CPU users: install the CPU wheel of torch first; a bare `torch` may pull a CUDA build.

@@ -2,7 +2,7 @@
 modes, the torch.compile baseline, and the body of one benchmark.
 
 Providers:
-    eager    the plain PyTorch composition (built on ``dept_fast.reference``)
+    eager    the plain PyTorch composition (built on ``dept_fast.ops``' references)
     compile  ``torch.compile(eager, dynamic=False)``                               (CUDA only)
     fused    dept_fast's Triton path                                               (CUDA only)
     module   the library's public call where it differs from ``fused`` (see each suite)

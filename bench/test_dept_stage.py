@@ -1,7 +1,7 @@
 """DePT embedding stage ``[P ; E[ids] + scaling * (A @ B)[:L]]``: providers x modes x shapes.
 
 Providers (bench/stage.py): eager = ``dept_embedding_reference`` (gather, matmul, add, cat);
-compile = torch.compile of it; fused = ``dept_embedding(..., check_ids=False)``, the Triton kernels
+compile = torch.compile of it; fused = ``dept_embedding(..., id_check="device")`` (no host sync), the Triton kernels
 alone, as they run under torch.compile; module = ``dept_embedding(...)`` as
 ``FusedDePTEmbedding.forward`` calls it, with its id-range check (one host sync) — on CPU the
 library's CPU path, i.e. the eager reference behind the checks. The embedding matrix is frozen
@@ -53,7 +53,7 @@ CASES = {
     "llama7b-b64-s512": StageCase(64, 512, 32000, 4096, 60, 16, torch.bfloat16),
     "tiny-launch-bound": StageCase(2, 32, 1000, 128, 8, 4, torch.bfloat16),
 }
-FUNCTIONS = {"eager": dept_embedding_reference, "fused": functools.partial(dept_embedding, check_ids=False),
+FUNCTIONS = {"eager": dept_embedding_reference, "fused": functools.partial(dept_embedding, id_check="device"),
              "module": dept_embedding}
 
 

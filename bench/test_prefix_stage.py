@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dept_fast import FusedPrefixEncoder
-from dept_fast.reference import prefix_kv_reference
+from dept_fast.ops import prefix_kv_reference
 
 from .stage import MODES, PROVIDERS, bench_stage, compiled, per_mode, skip_unless_available
 

@@ -1,7 +1,14 @@
 """dept_fast: fused Triton kernels for DePT and Prefix-Tuning soft-prompt fine-tuning.
 
     from dept_fast import FusedDePTEmbedding
+
+Layout: ``dept_fast.ops`` (autograd Functions over the kernels, each with its PyTorch reference),
+``dept_fast.modules`` (nn.Modules), ``dept_fast.hf`` (the transformers integration),
+``dept_fast.checkpoint`` (checkpoint formats), ``dept_fast.kernels`` (Triton kernels, the top-level
+``kernels/`` folder). Names are imported on first use, so ``import dept_fast`` stays light: the
+transformers integration is loaded only when one of its names is used.
 """
+import importlib
 import os as _os
 
 # Installed, ``dept_fast.kernels`` comes from the top-level ``kernels/`` folder (setup.py
@@ -11,16 +18,23 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and \
         _os.path.isfile(_os.path.join(_checkout, "kernels", "dept_forward.py")):
     __path__.append(_checkout)
 
-from .embedding import FusedDePTEmbedding  # noqa: E402
-from .functional import DePTEmbeddingFunction, dept_embedding  # noqa: E402
-from .reference import dept_embedding_reference  # noqa: E402
-from .budget import budget  # noqa: E402
-from .hf_dept import apply_dept, load_dept  # noqa: E402
-from .optim import param_groups  # noqa: E402
-from .prefix_encoder import FusedPrefixEncoder  # noqa: E402
-from .prefix_tuning import apply_prefix_tuning, load_prefix_tuning  # noqa: E402
-
-__all__ = ["FusedDePTEmbedding", "DePTEmbeddingFunction", "dept_embedding", "dept_embedding_reference",
-           "apply_dept", "load_dept", "param_groups", "budget",
-           "FusedPrefixEncoder", "apply_prefix_tuning", "load_prefix_tuning"]
+_EXPORTS = {
+    "FusedDePTEmbedding": "modules", "FusedPrefixEncoder": "modules", "PrefixTuning": "modules",
+    "DePTEmbeddingFunction": "ops", "dept_embedding": "ops", "dept_embedding_reference": "ops",
+    "apply_dept": "hf", "load_dept": "hf", "apply_prefix_tuning": "hf", "load_prefix_tuning": "hf",
+    "serving": "hf", "param_groups": "optim", "budget": "budget", "trainable_parameters": "summary",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dept_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -3,7 +3,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from .embedding import FusedDePTEmbedding
+from .modules.dept_embedding import FusedDePTEmbedding
 
 
 def param_groups(model: nn.Module, lr_prompt: float, lr_lowrank: float, weight_decay: float = 0.0,

@@ -11,7 +11,7 @@ any real mistake, e.g. a wrong A row moves logits by > 1e-2).
 import pytest
 import torch
 
-import dept_fast.hf_dept as hf_dept
+import dept_fast.modules.dept_embedding as dept_embedding_module
 from decoding import assert_same_decoding, generate, reference_decode
 from dept_fast import FusedDePTEmbedding, apply_dept, dept_embedding_reference
 from numerics import rel_err
@@ -74,7 +74,7 @@ def test_apply_freezes_base_and_attaches_adapter():
 def test_forward_loss_and_grads_match_eager_composition(family, share, monkeypatch):
     """Right-padded batch: the fused kernel, m ones in the mask, m x -100 labels for decoder-only."""
     calls = []
-    monkeypatch.setattr(hf_dept, "dept_embedding_at_positions_reference", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(dept_embedding_module, "dept_embedding_at_positions", lambda *a, **k: calls.append(a))
     build = FAMILIES[family]
     torch.manual_seed(1)
     model, base = dept_model(build, share=share), build()
@@ -205,7 +205,7 @@ def test_errors_name_the_problem():
         model(inputs_embeds=torch.randn(2, 5, 40))
     with pytest.raises(ValueError, match="max_length"):
         model(input_ids=torch.randint(3, VOCAB, (1, S + 1)))
-    with pytest.raises(ValueError, match=r"span \[16, 16\] but the DePT update covers \[0, 16\)"):
+    with pytest.raises(ValueError, match=r"token positions must lie in \[0, 16\).*found values in \[16, 16\]"):
         model.generate(input_ids=ids, attention_mask=ones(2, 5), max_new_tokens=S, do_sample=False)
     with pytest.raises(ValueError, match="2-D attention_mask"):
         model(input_ids=ids, attention_mask=torch.ones(2, 1, 5, 5))

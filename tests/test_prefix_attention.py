@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dept_fast.prefix_attention import (PREFIX_SLOT_ATTR, PrefixKV, forward_arguments, prefix_attention_forward,
-                                        prefix_position_ids, use_non_reentrant_checkpointing)
-from dept_fast.reference import prefix_attention_reference
+from dept_fast.hf.attach import forward_arguments, prefix_pass
+from dept_fast.hf.attention import PREFIX_SLOT_ATTR, PrefixKV, prefix_attention_forward
+from dept_fast.hf.route import use_non_reentrant_checkpointing
+from dept_fast.ops import prefix_attention_reference
 from numerics import TOL, rel_err
 from tiny_models import tiny_llama, tiny_t5
 
@@ -63,7 +64,7 @@ def test_gqa_causal_matches_reference(case, inner):
     query, key, value, prefix_key, prefix_value = qkv(3, 4, 2, q_len, kv_len, 12, n_prefix=5)
     mask = padding_mask(3, q_len, kv_len, causal=True) if mask_kind else None
     out, _ = prefix_attention_forward(module, query, key, value, mask, scaling=module.scaling,
-                                      dept_prefix=PrefixKV([(prefix_key, prefix_value)], inner=inner))
+                                      dept_prefix=PrefixKV([(prefix_key, prefix_value)]), inner=inner)
     ref = prefix_attention_reference(query, key, value, prefix_key, prefix_value, mask, module.scaling, causal=True)
     assert out.shape == (3, q_len, 4, 12)
     assert rel_err(out, ref) <= TOL[torch.float32]
@@ -77,7 +78,7 @@ def test_t5_position_bias_and_padding(inner):
     bias = module.compute_bias(6, 6)
     mask = padding_mask(2, 6, 6, causal=False)
     out, _ = prefix_attention_forward(module, query, key, value, mask, scaling=1.0, position_bias=bias,
-                                      dept_prefix=PrefixKV([(prefix_key, prefix_value)], inner=inner))
+                                      dept_prefix=PrefixKV([(prefix_key, prefix_value)]), inner=inner)
     ref = prefix_attention_reference(query, key, value, prefix_key, prefix_value, mask, 1.0, position_bias=bias)
     assert rel_err(out, ref) <= TOL[torch.float32]
 
@@ -127,7 +128,7 @@ def test_reentrant_checkpoint_is_refused():
         checkpoint(layer, query.requires_grad_(), use_reentrant=True)
     assert checkpoint(layer, query, use_reentrant=False).requires_grad
     with torch.no_grad():  # a pass that began without recording (inference) has nothing to protect
-        layer(query, spec._replace(grad_enabled=False))
+        layer(query, PrefixKV(spec.key_values, grad_enabled=False))
 
 
 def test_transformers_reentrant_checkpointing_is_switched_with_a_warning():
@@ -143,15 +144,19 @@ def test_transformers_reentrant_checkpointing_is_switched_with_a_warning():
 def test_positions_start_after_the_prefix():
     ids = torch.zeros(2, 4, dtype=torch.long)
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    assert prefix_position_ids(5, {"input_ids": ids, "attention_mask": mask}).tolist() == \
-        [[5, 5, 5, 6], [5, 6, 7, 8]]
-    assert prefix_position_ids(5, {"input_ids": ids, "position_ids": torch.arange(4)[None]}).tolist() == \
-        [[5, 6, 7, 8]]
+    prefix = [(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))]
+
+    def positions(**kwargs):
+        return prefix_pass(kwargs, prefix)["position_ids"].tolist()
+
+    assert positions(input_ids=ids, attention_mask=mask) == [[5, 5, 5, 6], [5, 6, 7, 8]]
+    assert positions(input_ids=ids, position_ids=torch.arange(4)[None]) == [[5, 6, 7, 8], [5, 6, 7, 8]]
     # a generation step: one new token, the mask covers the 4 cached ones too
     step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-    assert prefix_position_ids(5, {"input_ids": ids[:, :1], "attention_mask": step_mask}).tolist() == [[7], [9]]
+    assert positions(input_ids=ids[:, :1], attention_mask=step_mask) == [[7], [9]]
     cache = type("Cache", (), {"get_seq_length": lambda self: 4})()
-    assert prefix_position_ids(5, {"input_ids": ids[:, :1], "past_key_values": cache}).tolist() == [[9]]
+    assert positions(input_ids=ids[:1, :1], cache=cache) == [[9]]
+    assert positions(input_ids=ids[:1, :1], past_key_values=cache) == [[9]]  # transformers < 5.24
 
 
 def test_forward_arguments_names_positional_args():

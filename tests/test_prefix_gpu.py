@@ -7,7 +7,7 @@ import torch
 
 from dept_fast import FusedPrefixEncoder, apply_prefix_tuning
 from dept_fast.kernels.prefix_kv import choose_blocks
-from dept_fast.prefix_projection import prefix_kv_projection
+from dept_fast.ops import prefix_kv_projection
 from numerics import TOL, rel_err
 from test_prefix_kv_parity import make_inputs, reference_fp32
 from tiny_models import tiny_llama

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dept_fast.kernels import PrefixKVBlocks, prefix_kv_backward, prefix_kv_forward
-from dept_fast.prefix_projection import prefix_kv_projection
-from dept_fast.reference import prefix_kv_reference
+from dept_fast.ops import prefix_kv_projection
+from dept_fast.ops import prefix_kv_reference
 from numerics import TOL, rel_err
 
 # (num_layers, num_kv_heads, head_dim, prefix_len p, mid): N = layers * 2 * kv_heads * head_dim.
@@ -105,8 +105,8 @@ def test_fp32_params_beside_bf16_hidden(device, poison):
 @pytest.mark.parametrize("bad, message", [
     (dict(weight=torch.zeros(119, 24)), r"weight must have shape \(layers \* 2 \* kv_heads \* head_dim, mid\)"),
     (dict(bias=torch.zeros(7)), "bias must have 120 elements"),
-    (dict(hidden=torch.zeros(5, 24, dtype=torch.int64)), "hidden must be a float32/float16/bfloat16 tensor"),
-    (dict(hidden=torch.zeros(0, 24)), "hidden must be a non-empty 2-D tensor"),
+    (dict(hidden=torch.zeros(5, 24, dtype=torch.int64)), "hidden must be float32, float16 or bfloat16"),
+    (dict(hidden=torch.zeros(0, 24)), "hidden must be non-empty"),
     (dict(num_layers=0), "num_layers must be a positive int"),
 ])
 def test_bad_inputs_are_named(bad, message):

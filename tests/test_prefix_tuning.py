@@ -8,9 +8,10 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertModel, GPT2LMHeadModel
 from transformers.models.gpt2 import modeling_gpt2
 
-from dept_fast import FusedPrefixEncoder, apply_prefix_tuning, load_prefix_tuning, prefix_attention
-from dept_fast.prefix_attention import PREFIX_SLOT_ATTR
-from dept_fast.reference import prefix_kv_reference
+from dept_fast import FusedPrefixEncoder, apply_prefix_tuning, load_prefix_tuning
+from dept_fast.hf import route
+from dept_fast.hf.attention import PREFIX_SLOT_ATTR
+from dept_fast.ops import prefix_kv_reference
 from numerics import TOL, rel_err
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
 
@@ -66,7 +67,7 @@ def test_prefixes_change_the_output(name):
 @pytest.mark.parametrize("name", BUILDERS)
 def test_eager_and_sdpa_wrapping_agree(name):
     sdpa, eager = adapted(name), adapted(name, attn_implementation="eager")
-    assert (sdpa.prefix_tuning.inner, eager.prefix_tuning.inner) == ("sdpa", "eager")
+    assert (route.route_of(sdpa).inner, route.route_of(eager).inner) == ("sdpa", "eager")
     batch = inputs(sdpa)
     assert rel_err(eager(**batch).logits, sdpa(**batch).logits) <= TOL[torch.float32]
 
@@ -128,12 +129,12 @@ def test_models_sharing_a_config(monkeypatch):
     first = apply_prefix_tuning(GPT2LMHeadModel(config).eval(), 3)
     batch = inputs(first)
     expected = first(**batch).logits
-    assert apply_prefix_tuning(GPT2LMHeadModel(config), 3).prefix_tuning.inner == "eager"
+    assert route.route_of(apply_prefix_tuning(GPT2LMHeadModel(config), 3)).inner == "eager"
 
     def fail(*args, **kwargs):
         raise RuntimeError("probe failed")
 
-    monkeypatch.setattr(prefix_attention, "_tag_stack", fail)
+    monkeypatch.setattr(route, "_tag_stack", fail)
     with pytest.raises(RuntimeError, match="probe failed"):
         apply_prefix_tuning(GPT2LMHeadModel(config), 3)
     assert torch.equal(first(**batch).logits, expected)
@@ -225,7 +226,7 @@ def test_checkpoint_with_wrong_tensors_is_refused(tmp_path):
     config = json.loads((tmp_path / "dept_prefix_config.json").read_text())
     config["stacks"]["decoder"]["projection_dim"] = 8
     (tmp_path / "dept_prefix_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="do not match the model's prefixes"):
+    with pytest.raises(ValueError, match="do not match the prefixes of its config"):
         load_prefix_tuning(tiny_gpt2(), tmp_path)
 
 

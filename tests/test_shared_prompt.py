@@ -1,6 +1,7 @@
 """The shared prompt (apply_dept's default on causal decoders) against the prompt in every row, on
 tiny GPT-2 and GQA Llama: logits, loss and every gradient, with and without gradient
-checkpointing; what the layers are fed; the inference cache; generate(); the refusals.
+checkpointing; what the layers are fed; when the prompt pass runs (never stale); generate(); the
+refusals.
 
 Tolerance: both routes compute in fp32 and differ only in summation order (the prompt's attention
 runs once at batch 1 instead of per row; the rows' prompt gradients are summed by autograd through
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dept_fast import apply_dept, apply_prefix_tuning
+from dept_fast import apply_dept, apply_prefix_tuning, serving
 from numerics import rel_err
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
 
@@ -152,32 +153,61 @@ def test_layers_see_one_prompt_pass_and_the_inputs(family):
     assert shapes == [(1, M, d), (3, 7, d)] * 2
 
 
-def test_inference_reuses_the_prompt_pass_until_it_changes():
+def test_prompt_pass_is_never_stale():
+    """Without gradients every call runs its own prompt pass (one per generate() call, shared by its
+    steps), so any change to any weight, by any means, shows in the next call."""
     shared, every_row = twins("llama")
     shapes = first_layer_inputs(shared)
     inputs = {k: v for k, v in batch().items() if k != "labels"}
+    real = inputs["attention_mask"].bool()
     prompt_passes = lambda: shapes.count((1, M, 48))  # noqa: E731
+
+    def assert_agree():
+        assert rel_err(shared(**inputs).logits[real], every_row(**inputs).logits[:, M:][real]) <= TOL
+
+    changes = {
+        "in place (an optimizer step)": lambda model: model.dept.prompt.mul_(1.5),
+        ".data write (an EMA update)": lambda model: model.dept.prompt.data.copy_(model.dept.prompt.data * 0.5),
+        "base weight .data": lambda model: model.model.layers[0].input_layernorm.weight.data.mul_(1.1),
+        "load_state_dict": lambda model: model.dept.load_state_dict(
+            {k: v + 0.1 for k, v in model.dept.state_dict().items()}),
+    }
     with torch.no_grad():
-        first = shared(**inputs).logits
-        assert torch.equal(shared(**inputs).logits, first) and prompt_passes() == 1
-        shared.generate(**inputs, max_new_tokens=3, do_sample=False)
-        assert prompt_passes() == 1
-        for model in (shared, every_row):  # in place, as an optimizer step
-            model.dept.prompt.mul_(1.5)
-        changed = shared(**inputs).logits
-        assert prompt_passes() == 2
-        assert rel_err(changed[inputs["attention_mask"].bool()],
-                       every_row(**inputs).logits[:, M:][inputs["attention_mask"].bool()]) <= TOL
-        shared.model.layers[0].input_layernorm.weight.mul_(1.1)  # a frozen base weight, in place
         shared(**inputs)
+        shared(**inputs)
+        assert prompt_passes() == 2
+        shared.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert prompt_passes() == 3
-        shared.double()  # another dtype: recomputed in it
-        assert shared(**inputs).logits.dtype == torch.float64 and prompt_passes() == 4
-    shared(**inputs)  # gradients recorded: computed afresh, never from the cache
-    assert prompt_passes() == 5
+        for name, change in changes.items():
+            for model in (shared, every_row):
+                change(model)
+            assert_agree()
+    shared(**inputs)  # gradients recorded: a pass of its own
+    assert prompt_passes() == 4 + len(changes)
+
+
+def test_serving_context_runs_the_prompt_once():
+    shared, every_row = twins("gpt2")
+    shapes = first_layer_inputs(shared)
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+    prompt_passes = lambda: shapes.count((1, M, 40))  # noqa: E731
     with torch.no_grad():
-        shared.train()(**inputs)  # training mode (dropout may be on): afresh too
-    assert prompt_passes() == 6
+        expected = shared(**inputs).logits
+    with serving(shared):
+        with pytest.raises(RuntimeError, match="already open"):
+            with serving(shared):
+                pass
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(shared(**inputs).logits, expected)
+            shared.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert prompt_passes() == 2
+        shared(**inputs)  # gradients recorded: a pass of its own
+        assert prompt_passes() == 3
+    with torch.no_grad():
+        shared.dept.prompt.mul_(2.0)
+        shared(**inputs)  # the context is closed: the new prompt is used
+    assert prompt_passes() == 4
 
 
 @pytest.mark.parametrize("family", DECODERS)

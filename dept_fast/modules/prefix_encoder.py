@@ -1,10 +1,11 @@
 """``FusedPrefixEncoder``: the trainable per-layer key/value prefixes of Prefix-Tuning."""
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .prefix_projection import prefix_kv_projection
+from ..ops import prefix_kv_projection
+from ..ops.checks import FLOAT_DTYPES
 
 
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
@@ -58,6 +59,8 @@ class FusedPrefixEncoder(nn.Module):
         self.head_dim = head_dim
         self.projection_dim = projection_dim
         self.embed_dim = embed_dim or num_kv_heads * head_dim
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"prefix parameters must be float32, float16 or bfloat16, got {dtype}")
         factory = {"dtype": dtype, "device": device}
         if projection_dim is None:
             self.prefix = nn.Parameter(torch.randn(self.layout, **factory))
@@ -65,6 +68,18 @@ class FusedPrefixEncoder(nn.Module):
             self.embedding = nn.Embedding(prefix_len, self.embed_dim, **factory)
             self.proj_in = nn.Linear(self.embed_dim, projection_dim, **factory)
             self.proj_out = nn.Linear(projection_dim, num_layers * 2 * num_kv_heads * head_dim, **factory)
+
+    @staticmethod
+    def parameter_shapes(prefix_len: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                         projection_dim: Optional[int], embed_dim: Optional[int]) -> Dict[str, Tuple[int, ...]]:
+        """The state dict (name -> shape) of an encoder built with these arguments (checkpoints are
+        checked against it before their tensors are loaded)."""
+        if projection_dim is None:
+            return {"prefix": (num_layers, 2, num_kv_heads, prefix_len, head_dim)}
+        embed_dim = embed_dim or num_kv_heads * head_dim
+        n_out = num_layers * 2 * num_kv_heads * head_dim
+        return {"embedding.weight": (prefix_len, embed_dim), "proj_in.weight": (projection_dim, embed_dim),
+                "proj_in.bias": (projection_dim,), "proj_out.weight": (n_out, projection_dim), "proj_out.bias": (n_out,)}
 
     @property
     def layout(self) -> Tuple[int, int, int, int, int]:

@@ -5,7 +5,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import dept_embedding
+from ..ops import dept_embedding, dept_embedding_at_positions
+from ..ops.checks import FLOAT_DTYPES, ID_CHECKS
 
 
 class FusedDePTEmbedding(nn.Module):
@@ -30,21 +31,27 @@ class FusedDePTEmbedding(nn.Module):
         max_length: s, the longest input the update covers; longer inputs are refused.
         lora_alpha: scaling numerator (scaling = lora_alpha / sqrt(r)); DePT default 8.
         deterministic: bit-reproducible embedding gradient when E is unfrozen (see
-            :func:`dept_fast.functional.dept_embedding`); None follows
+            :func:`dept_fast.ops.dept_embedding`); None follows
             ``torch.are_deterministic_algorithms_enabled()``.
+        id_check: how token ids outside the vocabulary are caught: ``"host"`` (a ValueError; one
+            host synchronisation per call) or ``"device"`` (an asynchronous device-side assertion:
+            no synchronisation, so a training step can be captured in a CUDA graph). The kernel
+            never reads a bad id either way.
     """
 
     def __init__(self, word_embeddings: nn.Embedding, num_prompt_tokens: int, rank: int, max_length: int,
-                 lora_alpha: float = 8.0, deterministic: Optional[bool] = None) -> None:
+                 lora_alpha: float = 8.0, deterministic: Optional[bool] = None, id_check: str = "host") -> None:
         super().__init__()
         if not isinstance(word_embeddings, nn.Embedding):
             raise TypeError(f"word_embeddings must be an nn.Embedding, got {type(word_embeddings).__name__}")
-        for name, value in (("num_prompt_tokens", num_prompt_tokens), ("rank", rank)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        check_config(num_prompt_tokens, rank, max_length, lora_alpha)
+        if id_check not in ID_CHECKS:
+            raise ValueError(f"id_check must be one of {ID_CHECKS}, got {id_check!r}")
         weight = word_embeddings.weight
+        if weight.dim() != 2:
+            raise ValueError(f"word embeddings must be 2-D (vocab, d), got shape {tuple(weight.shape)}")
+        if weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"word embeddings must be float32, float16 or bfloat16, got {weight.dtype}")
         vocab, dim = weight.shape
         factory = {"dtype": weight.dtype, "device": weight.device}
 
@@ -56,6 +63,7 @@ class FusedDePTEmbedding(nn.Module):
         self.lora_alpha = float(lora_alpha)
         self.scaling = self.lora_alpha / math.sqrt(rank) if rank > 0 else 0.0
         self.deterministic = deterministic
+        self.id_check = id_check
 
         token_ids = torch.randint(0, vocab, (num_prompt_tokens,), device=weight.device)
         self.prompt = nn.Parameter(weight.detach()[token_ids].clone())
@@ -77,14 +85,22 @@ class FusedDePTEmbedding(nn.Module):
     def embedding_dim(self) -> int:
         return self.word_embeddings.embedding_dim
 
-    def forward(self, input_ids: torch.Tensor, with_prompt: bool = True) -> torch.Tensor:
-        """(b, L) ids, L <= max_length -> (b, m + L, d) embeddings in the word embeddings' dtype;
+    def forward(self, input_ids: torch.Tensor, with_prompt: bool = True,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(b, L) ids, L <= max_length -> (b, m + L, d) embeddings in the word embeddings' dtype.
+
         ``with_prompt=False`` gives the (b, L, d) tokens alone, ``E[ids] + scaling * (A @ B)[:L]``
-        (the same fused kernel with no prompt rows), for callers that feed the prompt another way."""
+        (the same fused kernel with no prompt rows), for callers that feed the prompt another way.
+        ``positions`` (b, L): each token takes update row ``positions[i, t]`` instead of its column
+        (:func:`dept_fast.ops.dept_embedding_at_positions`, a PyTorch path); None: the fused stage.
+        """
         prompt = self.prompt if with_prompt else self.prompt[:0]
-        return dept_embedding(input_ids, self.word_embeddings.weight, prompt, self.lora_A, self.lora_B,
-                              self.scaling, deterministic=self.deterministic,
-                              padding_idx=self.word_embeddings.padding_idx)
+        weight, padding_idx = self.word_embeddings.weight, self.word_embeddings.padding_idx
+        if positions is not None:
+            return dept_embedding_at_positions(input_ids, positions, weight, prompt, self.lora_A, self.lora_B,
+                                               self.scaling, id_check=self.id_check, padding_idx=padding_idx)
+        return dept_embedding(input_ids, weight, prompt, self.lora_A, self.lora_B, self.scaling,
+                              deterministic=self.deterministic, id_check=self.id_check, padding_idx=padding_idx)
 
     def extra_repr(self) -> str:
         return (f"num_prompt_tokens={self.num_prompt_tokens}, rank={self.rank}, "
@@ -93,7 +109,7 @@ class FusedDePTEmbedding(nn.Module):
     def save_pretrained(self, path: str) -> None:
         """Save prompt, lora_A, lora_B (safetensors) and the config (json) into directory ``path``;
         the word embeddings are not saved. See :mod:`dept_fast.checkpoint`."""
-        from .checkpoint import save_embedding
+        from ..checkpoint.dept import save_embedding
 
         save_embedding(self, path)
 
@@ -102,6 +118,16 @@ class FusedDePTEmbedding(nn.Module):
                         max_length: Optional[int] = None) -> "FusedDePTEmbedding":
         """Load an adapter directory (ours, the DePT authors' PROMPT_TUNING_LORA or PEFT PROMPT_TUNING)
         around ``word_embeddings``; ``max_length`` only for checkpoints that do not record it (PEFT)."""
-        from .checkpoint import load_embedding
+        from ..checkpoint.dept import load_embedding
 
         return load_embedding(path, word_embeddings, max_length)
+
+
+def check_config(num_prompt_tokens: int, rank: int, max_length: int, lora_alpha: float) -> None:
+    """Raise ValueError naming the first of a DePT adapter's sizes that is not valid."""
+    for name, value, low in (("num_prompt_tokens", num_prompt_tokens, 0), ("rank", rank, 0),
+                             ("max_length", max_length, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")

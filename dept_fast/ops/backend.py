@@ -2,7 +2,7 @@
 
 CUDA tensors always take the kernels. CPU tensors take the kernels only when the Triton
 interpreter is switched on (``TRITON_INTERPRET=1``, how CI exercises them without a GPU);
-otherwise they take the eager reference in ``dept_fast.reference``.
+otherwise they take the op's PyTorch reference (``dept_fast.ops.*_reference``).
 """
 import importlib.util
 import os

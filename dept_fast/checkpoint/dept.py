@@ -1,0 +1,203 @@
+"""Saving and loading DePT adapters: our format, the DePT authors', PEFT prompt tuning, and the
+adapter inside a whole-model save (``model.save_pretrained``, ``Trainer.save_model``, Trainer checkpoints).
+
+Our format (``FusedDePTEmbedding.save_pretrained``), a directory with
+    dept_config.json        :class:`~dept_fast.checkpoint.config.DePTConfig` as json
+    dept_model.safetensors  prompt (m, d), lora_A (s, r), lora_B (r, d), in their training dtype;
+                            the config again in the header (the copy readers trust, see files.py)
+
+Read as well (a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` or
+``adapter_model.bin``; ``.bin`` files go through ``torch.load(weights_only=True)``):
+* the DePT authors' ``PROMPT_TUNING_LORA`` (github.com/ZhengxiangShi/DePT): tensors
+  ``prompt_embeddings`` (num_virtual_tokens x num_transformer_submodules rows, the first
+  num_virtual_tokens used), ``prompt_encoder.lora_embedding_A`` (max_length, r) and
+  ``prompt_encoder.lora_embedding_B`` (r, d); config ``num_virtual_tokens``, ``r``, ``lora_alpha``,
+  ``max_length``. As in their loader, A and B are read only when ``load_lora_embeddings`` (and B only
+  when ``load_lora_embedding_B``) is true; a B that is not read stays at its zero initialisation,
+  so the update is zero, which is what their code computes;
+* PEFT ``PROMPT_TUNING``: ``prompt_embeddings`` only (rank 0); PEFT records no max_length;
+* a whole-model save of a model with a DePT adapter: ``config.json`` holds the adapter's config
+  under ``"dept_fast"`` (written there by ``apply_dept``/``load_dept``), the model's safetensors
+  (one file or an index of shards) hold ``dept.prompt``, ``dept.lora_A``, ``dept.lora_B``.
+
+Every reader checks names, dtypes and shapes (against the config and the model's width) before a
+tensor is loaded or an adapter allocated.
+"""
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..modules.dept_embedding import FusedDePTEmbedding
+from .config import DePTConfig, field
+from .files import (PEFT_CONFIG_NAME, check_header, load_tensors, read_adapter_weights, read_json, read_saved,
+                    save_checkpoint)
+from .whole_model import WholeModelFiles, find_whole_model
+
+CONFIG_NAME = "dept_config.json"
+WEIGHTS_NAME = "dept_model.safetensors"
+AUTHORS_A, AUTHORS_B = "prompt_encoder.lora_embedding_A", "prompt_encoder.lora_embedding_B"
+# Defaults of the DePT authors' PromptTuningLoRAConfig, for fields their json may leave out.
+AUTHORS_DEFAULTS = {"r": 8, "lora_alpha": 8, "max_length": 256, "load_lora_embeddings": True,
+                    "load_lora_embedding_B": True}
+MODEL_CONFIG_KEY = "dept_fast"
+"""The key of a transformers model's config under which an attached adapter records its config."""
+TENSOR_NAMES = ("prompt", "lora_A", "lora_B")
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class DePTCheckpoint:
+    """An adapter as read from disk. ``tensors`` maps prompt / lora_A / lora_B to a tensor, or to
+    None for one the format leaves at its fresh initialisation (the DePT authors' optional A/B)."""
+
+    config: DePTConfig
+    tensors: Dict[str, Optional[torch.Tensor]]
+    source: str
+
+
+def save_embedding(adapter: FusedDePTEmbedding, path: PathLike) -> None:
+    """Write ``adapter``'s prompt, lora_A, lora_B and config into directory ``path`` (created if
+    needed), crash-safe: an interrupted save leaves the previous checkpoint or this one."""
+    save_checkpoint(path, {name: getattr(adapter, name) for name in TENSOR_NAMES}, adapter_config(adapter).to_json(),
+                    WEIGHTS_NAME, CONFIG_NAME)
+
+
+def adapter_config(adapter: FusedDePTEmbedding) -> DePTConfig:
+    return DePTConfig(adapter.num_prompt_tokens, adapter.rank, adapter.max_length, adapter.lora_alpha,
+                      adapter.embedding_dim)
+
+
+def load_embedding(path: PathLike, word_embeddings: nn.Embedding,
+                   max_length: Optional[int] = None) -> FusedDePTEmbedding:
+    """Read the adapter in directory ``path`` (any supported format) around ``word_embeddings``."""
+    return build_embedding(read_checkpoint(path, word_embeddings.embedding_dim, max_length), word_embeddings)
+
+
+def read_checkpoint(path: PathLike, dim: int, max_length: Optional[int] = None) -> DePTCheckpoint:
+    """Read an adapter directory for a model of width ``dim``: ours, the DePT authors', PEFT prompt
+    tuning, or a whole-model save. ``max_length`` fills in a checkpoint that records none (PEFT) and
+    must agree with one that does."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a directory (a DePT checkpoint is a directory)")
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return _read_ours(path, dim, max_length)
+    if os.path.isfile(os.path.join(path, PEFT_CONFIG_NAME)):
+        return _read_peft(path, dim, max_length)
+    whole = find_whole_model(path)
+    if whole is not None:
+        return _read_whole_model(whole, dim, max_length)
+    raise FileNotFoundError(f"{path} holds neither {CONFIG_NAME} (dept_fast) nor {PEFT_CONFIG_NAME} "
+                            "(DePT authors' / PEFT) nor a saved model with a DePT adapter")
+
+
+def build_embedding(checkpoint: DePTCheckpoint, word_embeddings: nn.Embedding) -> FusedDePTEmbedding:
+    """A FusedDePTEmbedding around ``word_embeddings`` holding the checkpoint's tensors (saved dtype kept)."""
+    c = checkpoint.config
+    if c.max_length is None:
+        raise ValueError(f"this {checkpoint.source} checkpoint records no max_length; pass max_length "
+                         "(the longest input the adapter accepts)")
+    adapter = FusedDePTEmbedding(word_embeddings, c.num_prompt_tokens, c.rank, c.max_length, c.lora_alpha)
+    device = word_embeddings.weight.device
+    for name, tensor in checkpoint.tensors.items():
+        if tensor is not None:
+            # A copy of its own: tensors read from one file may share a buffer (zero-size ones alias their
+            # neighbours' address, which the Triton interpreter mistakes for the same storage).
+            setattr(adapter, name, nn.Parameter(tensor.to(device=device, copy=True)))
+    return adapter
+
+
+def _resolve_max_length(recorded: Optional[int], given: Optional[int]) -> Optional[int]:
+    if recorded is not None and given is not None and given != recorded:
+        raise ValueError(f"the checkpoint's max_length is {recorded}; got max_length={given}")
+    return recorded if recorded is not None else given
+
+
+def _expected_shapes(config: DePTConfig, dim: int) -> Dict[str, Tuple[int, ...]]:
+    return {"prompt": (config.num_prompt_tokens, dim), "lora_A": (config.max_length, config.rank),
+            "lora_B": (config.rank, dim)}
+
+
+def _check_shapes(found: Dict[str, Tuple[int, ...]], config: DePTConfig, dim: int, source: str) -> None:
+    """Each present tensor has the shape ``config`` and the model's width ``dim`` imply."""
+    if config.hidden_size is not None and config.hidden_size != dim:
+        raise ValueError(f"{source}: the adapter was built for width d={config.hidden_size}, the model's "
+                         f"word embeddings have d={dim}")
+    for name, expected in _expected_shapes(config, dim).items():
+        if name in found and tuple(found[name]) != expected:
+            raise ValueError(f"{source}: {name} has shape {tuple(found[name])}, expected {expected} "
+                             f"(m={config.num_prompt_tokens}, r={config.rank}, s={config.max_length}, d={dim} "
+                             "from the model's embeddings)")
+
+
+def _read_ours(path: str, dim: int, max_length: Optional[int]) -> DePTCheckpoint:
+    config, weights, header = read_saved(path, CONFIG_NAME, WEIGHTS_NAME, DePTConfig.from_json)
+    _resolve_max_length(config.max_length, max_length)
+    _check_shapes({name: header[name][1] for name in TENSOR_NAMES if name in header}, config, dim, weights)
+    check_header(weights, header, _expected_shapes(config, dim))
+    if set(header) != set(TENSOR_NAMES):
+        raise ValueError(f"{weights}: unexpected tensors {sorted(set(header) - set(TENSOR_NAMES))} "
+                         f"(a DePT adapter holds {list(TENSOR_NAMES)})")
+    return DePTCheckpoint(config, load_tensors(weights, TENSOR_NAMES), f"dept_fast checkpoint {path}")
+
+
+def _read_peft(path: str, dim: int, max_length: Optional[int]) -> DePTCheckpoint:
+    config_file = os.path.join(path, PEFT_CONFIG_NAME)
+    data = read_json(config_file)
+    peft_type = data.get("peft_type")
+    if peft_type not in ("PROMPT_TUNING_LORA", "PROMPT_TUNING"):
+        raise ValueError(f"{config_file} has peft_type {peft_type!r}; load_dept reads "
+                         "PROMPT_TUNING_LORA (DePT authors) and PROMPT_TUNING (PEFT)")
+    m = field(data, "num_virtual_tokens", config_file, "int", 0)
+    rows = m * (field(data, "num_transformer_submodules", config_file, "int", 1, default=None) or 1)
+    file, header, loaded = read_adapter_weights(path)
+    prompt = header.get("prompt_embeddings")
+    if prompt is None or len(prompt[1]) != 2 or prompt[1][0] != rows:
+        found = "none" if prompt is None else f"shape {prompt[1]}"
+        raise ValueError(f"{path}: expected prompt_embeddings with {rows} rows (num_virtual_tokens x "
+                         f"num_transformer_submodules), found {found}")
+    found = {"prompt": (m, prompt[1][1])}
+    if peft_type == "PROMPT_TUNING":
+        allowed, source = {"prompt_embeddings"}, "PEFT PROMPT_TUNING"
+        config = DePTConfig(m, 0, _resolve_max_length(None, max_length))
+        wanted = {}
+    else:
+        allowed, source = {"prompt_embeddings", AUTHORS_A, AUTHORS_B}, "DePT authors' PROMPT_TUNING_LORA"
+        data = {**AUTHORS_DEFAULTS, **data}
+        config = DePTConfig(m, field(data, "r", config_file, "int", 0),
+                            _resolve_max_length(field(data, "max_length", config_file, "int", 1), max_length),
+                            field(data, "lora_alpha", config_file, "number"))
+        load_a = field(data, "load_lora_embeddings", config_file, "bool")
+        load_b = load_a and field(data, "load_lora_embedding_B", config_file, "bool")
+        if AUTHORS_B in header and AUTHORS_A not in header:
+            raise ValueError(f"{path} stores lora_embedding_B but no lora_embedding_A; the DePT authors' loader "
+                             "cannot read it either")
+        wanted = {name: key for name, key, flag in (("lora_A", AUTHORS_A, load_a), ("lora_B", AUTHORS_B, load_b))
+                  if flag and key in header}
+        found.update({name: header[key][1] for name, key in wanted.items()})
+    if set(header) - allowed:
+        raise ValueError(f"{path}: unexpected tensors {sorted(set(header) - allowed)} "
+                         f"(a {source} checkpoint holds {sorted(allowed)})")
+    _check_shapes(found, config, dim, f"{source} checkpoint")
+    check_header(file, header, {key: header[key][1] for key in ["prompt_embeddings", *wanted.values()]})
+    keys = {"prompt": "prompt_embeddings", **wanted}
+    tensors = loaded if loaded is not None else load_tensors(file, keys.values())
+    picked = {name: tensors[key] for name, key in keys.items()}
+    picked["prompt"] = picked["prompt"][:m]  # encoder-decoder checkpoints keep an unused decoder copy after m rows
+    return DePTCheckpoint(config, {name: picked.get(name) for name in TENSOR_NAMES}, source)
+
+
+def _read_whole_model(whole: WholeModelFiles, dim: int, max_length: Optional[int]) -> DePTCheckpoint:
+    data = whole.config.get(MODEL_CONFIG_KEY, {}).get("dept")
+    if data is None:
+        raise FileNotFoundError(f"{whole.config_file} records no DePT adapter (no {MODEL_CONFIG_KEY!r}.dept key): "
+                                "the model was saved without one")
+    source = f"{whole.config_file} ({MODEL_CONFIG_KEY}.dept)"
+    config = DePTConfig.from_json(data, source)
+    _resolve_max_length(config.max_length, max_length)
+    keys = {name: f"dept.{name}" for name in TENSOR_NAMES}
+    return DePTCheckpoint(config, whole.load(keys, _expected_shapes(config, dim)), f"saved model {whole.path}")

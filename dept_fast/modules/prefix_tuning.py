@@ -1,0 +1,37 @@
+"""``PrefixTuning``: the Prefix-Tuning adapter of one model, one encoder per attention stack."""
+import os
+from typing import Dict, Union
+
+from torch import nn
+
+from .prefix_encoder import FusedPrefixEncoder
+
+
+class PrefixTuning(nn.Module):
+    """The prefixes attached to a model as ``model.prefix_tuning``: ``encoders[stack]`` per attention
+    stack (``"decoder"`` for causal decoders; ``"encoder"`` and ``"decoder"`` for T5).
+
+    Use :meth:`merge` after training (evaluates each MLP once, keeps the prefixes) and
+    :meth:`save_pretrained` to write a checkpoint that :func:`dept_fast.load_prefix_tuning` reads.
+    """
+
+    def __init__(self, encoders: Dict[str, FusedPrefixEncoder]) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+
+    @property
+    def prefix_len(self) -> int:
+        return next(iter(self.encoders.values())).prefix_len
+
+    def merge(self) -> "PrefixTuning":
+        """Merge every encoder (see :meth:`FusedPrefixEncoder.merge`)."""
+        for encoder in self.encoders.values():
+            encoder.merge()
+        return self
+
+    def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
+        """Write ``dept_prefix_config.json`` and ``dept_prefix.safetensors`` into directory ``path``
+        (crash-safe: an interrupted save leaves the previous checkpoint or this one)."""
+        from ..checkpoint.prefix import save_prefix
+
+        save_prefix(self, path)

@@ -1,0 +1,90 @@
+"""Input validation done in Python before any launch: a clear error, never an out-of-bounds read."""
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ID_CHECKS = ("host", "device")
+
+
+def need(cond: bool, message: str, exc: type = ValueError) -> None:
+    """Raise ``exc(message)`` unless ``cond``."""
+    if not cond:
+        raise exc(message)
+
+
+def check_float_tensor(name: str, tensor: torch.Tensor, dims: Optional[int] = None) -> None:
+    """``tensor`` is a float32/float16/bfloat16 tensor (with ``dims`` dimensions, if given)."""
+    need(isinstance(tensor, torch.Tensor), f"{name} must be a torch.Tensor, got {type(tensor).__name__}", TypeError)
+    need(tensor.dtype in FLOAT_DTYPES,
+         f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}", TypeError)
+    if dims is not None:
+        need(tensor.dim() == dims, f"{name} must be {dims}-D, got shape {tuple(tensor.shape)}")
+
+
+def check_token_ids(input_ids: torch.Tensor) -> None:
+    """``input_ids`` is a 2-D int32/int64 tensor (1-D ids are refused, not guessed)."""
+    need(isinstance(input_ids, torch.Tensor), f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}",
+         TypeError)
+    need(input_ids.dtype in (torch.int32, torch.int64),
+         f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}", TypeError)
+    need(input_ids.dim() == 2,
+         f"input_ids must be 2-D (batch, length), got shape {tuple(input_ids.shape)}; "
+         "for a single sequence pass input_ids.unsqueeze(0)")
+
+
+def check_in_range(name: str, values: torch.Tensor, high: int, what: str, id_check: str = "host") -> None:
+    """Every element of ``values`` lies in [0, high).
+
+    ``id_check="host"`` compares on the host (one GPU synchronisation) and raises ValueError naming
+    the range found. ``"device"`` queues the comparison as an asynchronous device-side assertion
+    (``torch._assert_async``): no host synchronisation, capturable in a CUDA graph, and a failure
+    still stops the program (a CUDA device-side assert, a RuntimeError on CPU). Under torch.compile
+    the device check is always used (a host check would break the graph).
+    """
+    need(id_check in ID_CHECKS, f"id_check must be one of {ID_CHECKS}, got {id_check!r}")
+    if not values.numel():
+        return
+    if id_check == "device" or torch.compiler.is_compiling():
+        torch._assert_async(((values >= 0) & (values < high)).all(),
+                            f"dept_fast: {name} outside [0, {high}) ({what})")
+        return
+    low, top = (int(v) for v in torch.aminmax(values))
+    need(low >= 0 and top < high, f"{name} must lie in [0, {high}) ({what}); found values in [{low}, {top}]")
+
+
+def check_dept_inputs(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor,
+                      lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    """Validate the DePT stage's tensors (not the id values); raises TypeError/ValueError naming what is wrong."""
+    check_token_ids(input_ids)
+    for name, t in (("word embeddings", weight), ("prompt", prompt), ("lora_A", lora_A), ("lora_B", lora_B)):
+        check_float_tensor(name, t, dims=2)
+        need(t.device == weight.device,
+             f"{name} is on {t.device} but the word embeddings are on {weight.device}")
+    need(input_ids.device == weight.device,
+         f"input_ids are on {input_ids.device} but the word embeddings are on {weight.device}; "
+         f"move them with input_ids.to({str(weight.device)!r})")
+    need(lora_A.dtype == lora_B.dtype,
+         f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype", TypeError)
+    dim = weight.shape[1]
+    rank = lora_A.shape[1]
+    need(prompt.shape[1] == dim, f"prompt has width {prompt.shape[1]}, the word embeddings {dim}")
+    need(tuple(lora_B.shape) == (rank, dim),
+         f"lora_B must have shape (rank, d) = ({rank}, {dim}), got {tuple(lora_B.shape)}")
+
+
+def check_prefix_kv_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_layers: int,
+                           num_kv_heads: int, head_dim: int) -> None:
+    """Raise TypeError/ValueError naming what is wrong with the inputs of the prefix K/V projection."""
+    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        need(isinstance(value, int) and value >= 1, f"{name} must be a positive int, got {value!r}")
+    for name, t, dims in (("hidden", hidden, 2), ("weight", weight, 2), ("bias", bias, 1)):
+        check_float_tensor(name, t, dims)
+        need(0 not in t.shape, f"{name} must be non-empty, got shape {tuple(t.shape)}")
+        need(t.device == weight.device, f"{name} is on {t.device} but weight is on {weight.device}")
+    n_out = num_layers * 2 * num_kv_heads * head_dim
+    need(tuple(weight.shape) == (n_out, hidden.shape[1]),
+         f"weight must have shape (layers * 2 * kv_heads * head_dim, mid) = ({n_out}, {hidden.shape[1]}), "
+         f"got {tuple(weight.shape)}")
+    need(bias.shape[0] == n_out,
+         f"bias must have {n_out} elements (layers * 2 * kv_heads * head_dim), got {bias.shape[0]}")

@@ -1,0 +1,144 @@
+"""The DePT embedding stage as an op: validated, on the fused Triton kernels where they run.
+
+``dept_embedding`` is the stage of the DePT paper, every token at its column:
+``[P ; E[ids] + scaling * (A @ B)[:L]]``. ``dept_embedding_at_positions`` lets each token take the
+update row of its own position (left-padded rows, generation steps); it runs in PyTorch.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .backend import TRITON_AVAILABLE, use_kernels
+from .checks import check_dept_inputs, check_in_range, need
+from .dept_embedding_reference import dept_embedding_reference
+
+if TRITON_AVAILABLE:  # at import, not inside the Functions: torch.compile traces those
+    from .. import kernels
+
+
+class DePTEmbeddingFunction(torch.autograd.Function):
+    """``[P ; E[ids] + scaling * (A @ B)[:L]]`` in one kernel launch, gradients in one pass over G.
+
+    Forward args: ids (b, L), weight E (V, d), prompt P (m, d), lora_A (s, r), lora_B (r, d),
+    scaling, deterministic, padding_idx. The output has E's dtype; P, A, B may be kept in another
+    float dtype (e.g. fp32 master weights beside a bf16 model) and receive gradients in their own
+    dtype. See ``kernels/dept_backward.py`` for the gradient math.
+
+    Double backward (``create_graph=True``): the backward is linear in G, so it is then computed
+    with differentiable PyTorch ops (the same math, G read more than once) and second-order
+    gradients are exact.
+    """
+
+    @staticmethod
+    def forward(ctx, ids, weight, prompt, lora_A, lora_B, scaling, deterministic, padding_idx):
+        out = kernels.dept_forward(ids, weight, prompt, lora_A, lora_B, scaling)
+        ctx.save_for_backward(ids, lora_A, lora_B)
+        ctx.scaling = scaling
+        ctx.deterministic = deterministic
+        ctx.vocab = weight.shape[0]
+        ctx.n_prompt = prompt.shape[0]
+        ctx.emb_dtype = weight.dtype
+        ctx.prompt_dtype = prompt.dtype
+        ctx.padding_idx = padding_idx
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ids, lora_A, lora_B = ctx.saved_tensors
+        need_grad = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
+            grads = _differentiable_backward(ctx, grad_out, ids, lora_A, lora_B)
+        else:
+                grads = kernels.dept_backward(
+                grad_out, ids, ctx.vocab, lora_A, lora_B, ctx.scaling, ctx.n_prompt, ctx.prompt_dtype,
+                emb_dtype=ctx.emb_dtype if need_grad[1] else None, deterministic=ctx.deterministic)
+        grad_emb, grad_prompt, grad_A, grad_B = grads
+        if grad_emb is not None and ctx.padding_idx is not None:
+            grad_emb[ctx.padding_idx] = 0  # as nn.Embedding: the padding row never learns
+        return (None, grad_emb if need_grad[1] else None, grad_prompt if need_grad[2] else None,
+                grad_A if need_grad[3] else None, grad_B if need_grad[4] else None, None, None, None)
+
+
+def _differentiable_backward(ctx, grad_out, ids, lora_A, lora_B):
+    """(dE, dP, dA, dB) as the kernels compute them, by autograd-traceable PyTorch ops (fp32 sums)."""
+    m, seq_len = ctx.n_prompt, ids.shape[1]
+    col = grad_out.float().sum(0)
+    grad_in = col[m:]
+    grad_A = F.pad(ctx.scaling * (grad_in @ lora_B.float().t()), (0, 0, 0, lora_A.shape[0] - seq_len))
+    grad_B = ctx.scaling * (lora_A[:seq_len].float().t() @ grad_in)
+    grad_emb = None
+    if ctx.needs_input_grad[1]:
+        grad_emb = torch.zeros((ctx.vocab, grad_out.shape[-1]), dtype=torch.float32, device=grad_out.device)
+        grad_emb = grad_emb.index_add(0, ids.reshape(-1), grad_out[:, m:].float().reshape(-1, grad_out.shape[-1]))
+        grad_emb = grad_emb.to(ctx.emb_dtype)
+    return grad_emb, col[:m].to(ctx.prompt_dtype), grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+
+
+def dept_embedding(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor,
+                   lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                   deterministic: Optional[bool] = None, id_check: str = "host",
+                   padding_idx: Optional[int] = None) -> torch.Tensor:
+    """The DePT embedding stage, validated, on the fused kernels where they can run.
+
+    Args:
+        input_ids: (b, L) int64/int32 ids in [0, V); 1-D ids are refused (use ``unsqueeze(0)``).
+        weight: (V, d) word embeddings; prompt: (m, d); lora_A: (s, r); lora_B: (r, d); L <= s.
+        scaling: multiplier of A @ B (lora_alpha / sqrt(r)).
+        deterministic: make the embedding gradient (only computed when ``weight`` requires grad)
+            bit-reproducible; P, A, B gradients always are. Defaults to
+            ``torch.are_deterministic_algorithms_enabled()``.
+        id_check: how ids outside [0, V) are caught: ``"host"`` (a ValueError; one host
+            synchronisation) or ``"device"`` (an asynchronous device-side assertion: no
+            synchronisation, CUDA-graph capturable). The kernel never reads a bad id either way
+            (its output row is NaN). Under torch.compile the device check is used.
+        padding_idx: as ``nn.Embedding``: that row of E gets no gradient (when E is trainable).
+
+    Returns:
+        (b, m + L, d) tensor in ``weight.dtype``.
+    """
+    check_dept_inputs(input_ids, weight, prompt, lora_A, lora_B)
+    need(input_ids.shape[1] <= lora_A.shape[0],
+         f"input length {input_ids.shape[1]} exceeds max_length {lora_A.shape[0]} of the low-rank update; "
+         "truncate the inputs or build the adapter with a larger max_length")
+    check_in_range("input_ids", input_ids, weight.shape[0], "the vocabulary size", id_check)
+    if not use_kernels(weight):
+        return dept_embedding_reference(input_ids, weight, prompt, lora_A, lora_B, scaling, padding_idx)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return DePTEmbeddingFunction.apply(input_ids, weight, prompt, lora_A, lora_B, float(scaling), deterministic,
+                                       padding_idx)
+
+
+def dept_embedding_at_positions(input_ids: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor,
+                                prompt: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                                id_check: str = "host", padding_idx: Optional[int] = None) -> torch.Tensor:
+    """The DePT stage where each token takes the update row of its own position:
+    ``out[i] = [P ; E[ids[i, t]] + scaling * (A @ B)[positions[i, t]]]``.
+
+    With ``positions[i, t] = t`` this is :func:`dept_embedding`. Used for tokens whose position is not
+    their column: left-padded rows (a token's index among its row's real tokens) and generation
+    steps after the first. It runs as PyTorch ops (a gather of r-wide rows of A and one matmul),
+    computed as the fused stage rounds: in fp32, cast once to E's dtype.
+
+    Args:
+        input_ids: (b, L) token ids; positions: (b, L) integer rows of A, each in [0, s).
+        weight, prompt, lora_A, lora_B, scaling, id_check, padding_idx: as in :func:`dept_embedding`
+            (``prompt[:0]`` embeds the tokens without the prompt).
+
+    Returns:
+        (b, m + L, d) in ``weight.dtype``.
+    """
+    check_dept_inputs(input_ids, weight, prompt, lora_A, lora_B)
+    need(positions.shape == input_ids.shape,
+         f"positions must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(positions.shape)}")
+    check_in_range("input_ids", input_ids, weight.shape[0], "the vocabulary size", id_check)
+    check_in_range("token positions", positions, lora_A.shape[0],
+                   f"the rows of the DePT update, max_length {lora_A.shape[0]}; positions count a row's real "
+                   "tokens, generated ones included: shorten the input or max_new_tokens, or build the adapter "
+                   "with a larger max_length", id_check)
+    embeds = F.embedding(input_ids, weight, padding_idx)
+    if lora_A.shape[1] > 0:
+        update = scaling * (lora_A[positions].float() @ lora_B.float())
+        embeds = (embeds.float() + update).to(weight.dtype)
+    return torch.cat([prompt.to(weight.dtype).expand(input_ids.shape[0], -1, -1), embeds], dim=1)

@@ -1,0 +1,66 @@
+"""Prefix-Tuning's MLP tail (tanh -> Linear -> attention layout) as an op over the fused Triton
+kernels in ``kernels/prefix_kv.py`` (see there for the math and the gradient)."""
+import torch
+
+from .backend import TRITON_AVAILABLE, use_kernels
+from .checks import check_prefix_kv_inputs
+from .prefix_kv_reference import prefix_kv_reference
+
+if TRITON_AVAILABLE:  # at import, not inside the Functions: torch.compile traces those
+    from .. import kernels
+
+
+class PrefixKVFunction(torch.autograd.Function):
+    """``tanh(hidden) @ weight.T + bias`` written as (layers, 2, kv_heads, p, head_dim) in one launch;
+    backward: dW and db in one launch, dH in one more (plus a sum over N-splits on the GPU).
+
+    Double backward (``create_graph=True``): the backward is then computed with differentiable
+    PyTorch ops (the same math), so second-order gradients are exact.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, num_layers, num_kv_heads, head_dim):
+        out = kernels.prefix_kv_forward(hidden, weight, bias, num_layers, num_kv_heads, head_dim)
+        ctx.save_for_backward(hidden, weight)
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _differentiable_backward(grad_out, hidden, weight, ctx.bias_dtype)
+        else:
+                grads = kernels.prefix_kv_backward(grad_out, hidden, weight, ctx.bias_dtype)
+        need = ctx.needs_input_grad
+        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None)
+
+
+def _differentiable_backward(grad_out, hidden, weight, bias_dtype):
+    """(dH, dW, db) by autograd-traceable PyTorch ops in fp32: with Gy the gradient read back from the
+    attention layout as (p, N) and T = tanh(H): dW = Gy^T T, db = sum_j Gy[j], dH = (Gy W) * (1 - T^2)."""
+    n_prefix = hidden.shape[0]
+    grad_y = grad_out.float().permute(3, 0, 1, 2, 4).reshape(n_prefix, -1)
+    tanh = torch.tanh(hidden.float())
+    grad_hidden = (grad_y @ weight.float()) * (1 - tanh * tanh)
+    return grad_hidden.to(hidden.dtype), (grad_y.t() @ tanh).to(weight.dtype), grad_y.sum(0).to(bias_dtype)
+
+
+def prefix_kv_projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_layers: int,
+                         num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Every layer's prefix keys and values from the prefix MLP's hidden layer, in attention layout.
+
+    Args:
+        hidden: (p, mid) pre-activation of the MLP's hidden layer (the first Linear's output).
+        weight: (N, mid) and bias: (N,), the second Linear, N = num_layers * 2 * num_kv_heads * head_dim.
+        num_layers, num_kv_heads, head_dim: the layout of N (PEFT's ``prompt_embeddings`` column order).
+
+    Returns:
+        (num_layers, 2, num_kv_heads, p, head_dim) in ``weight.dtype``; ``[l, 0]`` is layer l's keys,
+        ``[l, 1]`` its values. Fused Triton kernels where they run (CUDA, or CPU under
+        ``TRITON_INTERPRET=1``), else :func:`~dept_fast.ops.prefix_kv_reference.prefix_kv_reference`.
+    """
+    check_prefix_kv_inputs(hidden, weight, bias, num_layers, num_kv_heads, head_dim)
+    if not use_kernels(weight):
+        return prefix_kv_reference(hidden, weight, bias, num_layers, num_kv_heads, head_dim)
+    return PrefixKVFunction.apply(hidden, weight, bias, num_layers, num_kv_heads, head_dim)
