@@ -62,12 +62,12 @@ def test_apply_freezes_base_and_attaches_adapter():
     model = apply_dept(tiny_gpt2(), M, R, S)
     assert isinstance(model.dept, FusedDePTEmbedding) and model.dept.word_embeddings is model.get_input_embeddings()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"dept.prompt", "dept.lora_A", "dept.lora_B"}
-    assert not any(k.startswith("dept.word_embeddings") for k in model.state_dict())  # E is saved once, as wte
+    assert trainable == {"dept_adapters.default.prompt", "dept_adapters.default.lora_A", "dept_adapters.default.lora_B"}
+    assert not any("word_embeddings" in k for k in model.state_dict())  # E is saved once, as wte
     with pytest.raises(ValueError, match="already has a DePT adapter"):
         apply_dept(model, M, R, S)
     pt = apply_dept(tiny_gpt2(), M, 0, S)
-    assert {n for n, p in pt.named_parameters() if p.requires_grad} == {"dept.prompt"}
+    assert {n for n, p in pt.named_parameters() if p.requires_grad} == {"dept_adapters.default.prompt"}
 
 
 @FAMILY_ROUTES

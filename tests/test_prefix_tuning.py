@@ -40,7 +40,7 @@ def adapted(name, projection_dim=16, **overrides):
 def test_only_the_prefixes_train_and_every_layer_gets_a_gradient(name):
     model = adapted(name)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("prefix_tuning.")}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("prefix_adapters.default.")}
     layouts = {stack: (e.num_layers, e.num_kv_heads, e.head_dim) for stack, e in model.prefix_tuning.encoders.items()}
     assert layouts == LAYOUTS[name]
 

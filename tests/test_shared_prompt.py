@@ -253,5 +253,5 @@ def test_prefix_tuning_and_a_shared_prompt_do_not_mix():
     with pytest.raises(ValueError, match="has Prefix-Tuning prefixes"):
         apply_dept(prefixed, M, R, S, share_prompt=True)
     assert not apply_dept(prefixed, M, R, S).dept.share_prompt  # None: the prompt in every row
-    with pytest.raises(ValueError, match="DePT adapter sharing its prompt's keys/values"):
+    with pytest.raises(ValueError, match="DePT adapter named 'default' sharing its prompt's keys/values"):
         apply_prefix_tuning(apply_dept(tiny_gpt2(), M, R, S), 2)

@@ -16,9 +16,10 @@ Read as well (a directory with ``adapter_config.json`` and ``adapter_model.safet
   when ``load_lora_embedding_B``) is true; a B that is not read stays at its zero initialisation,
   so the update is zero, which is what their code computes;
 * PEFT ``PROMPT_TUNING``: ``prompt_embeddings`` only (rank 0); PEFT records no max_length;
-* a whole-model save of a model with a DePT adapter: ``config.json`` holds the adapter's config
-  under ``"dept_fast"`` (written there by ``apply_dept``/``load_dept``), the model's safetensors
-  (one file or an index of shards) hold ``dept.prompt``, ``dept.lora_A``, ``dept.lora_B``.
+* a whole-model save of a model with DePT adapters: ``config.json`` holds each adapter's config
+  under ``"dept_fast" -> "dept" -> name`` (written there by ``apply_dept``/``load_dept``), the
+  model's safetensors (one file or an index of shards) hold ``dept_adapters.<name>.prompt``,
+  ``.lora_A``, ``.lora_B``.
 
 Every reader checks names, dtypes and shapes (against the config and the model's width) before a
 tensor is loaded or an adapter allocated.
@@ -34,7 +35,7 @@ from ..modules.dept_embedding import FusedDePTEmbedding
 from .config import DePTConfig, field
 from .files import (PEFT_CONFIG_NAME, check_header, load_tensors, read_adapter_weights, read_json, read_saved,
                     save_checkpoint)
-from .whole_model import WholeModelFiles, find_whole_model
+from .whole_model import MODEL_CONFIG_KEY, WholeModelFiles, find_whole_model
 
 CONFIG_NAME = "dept_config.json"
 WEIGHTS_NAME = "dept_model.safetensors"
@@ -42,8 +43,6 @@ AUTHORS_A, AUTHORS_B = "prompt_encoder.lora_embedding_A", "prompt_encoder.lora_e
 # Defaults of the DePT authors' PromptTuningLoRAConfig, for fields their json may leave out.
 AUTHORS_DEFAULTS = {"r": 8, "lora_alpha": 8, "max_length": 256, "load_lora_embeddings": True,
                     "load_lora_embedding_B": True}
-MODEL_CONFIG_KEY = "dept_fast"
-"""The key of a transformers model's config under which an attached adapter records its config."""
 TENSOR_NAMES = ("prompt", "lora_A", "lora_B")
 
 PathLike = Union[str, os.PathLike]
@@ -77,10 +76,11 @@ def load_embedding(path: PathLike, word_embeddings: nn.Embedding,
     return build_embedding(read_checkpoint(path, word_embeddings.embedding_dim, max_length), word_embeddings)
 
 
-def read_checkpoint(path: PathLike, dim: int, max_length: Optional[int] = None) -> DePTCheckpoint:
+def read_checkpoint(path: PathLike, dim: int, max_length: Optional[int] = None,
+                    adapter_name: str = "default") -> DePTCheckpoint:
     """Read an adapter directory for a model of width ``dim``: ours, the DePT authors', PEFT prompt
-    tuning, or a whole-model save. ``max_length`` fills in a checkpoint that records none (PEFT) and
-    must agree with one that does."""
+    tuning, or a whole-model save (its adapter ``adapter_name``). ``max_length`` fills in a
+    checkpoint that records none (PEFT) and must agree with one that does."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory (a DePT checkpoint is a directory)")
@@ -90,7 +90,7 @@ def read_checkpoint(path: PathLike, dim: int, max_length: Optional[int] = None) 
         return _read_peft(path, dim, max_length)
     whole = find_whole_model(path)
     if whole is not None:
-        return _read_whole_model(whole, dim, max_length)
+        return _read_whole_model(whole, dim, max_length, adapter_name)
     raise FileNotFoundError(f"{path} holds neither {CONFIG_NAME} (dept_fast) nor {PEFT_CONFIG_NAME} "
                             "(DePT authors' / PEFT) nor a saved model with a DePT adapter")
 
@@ -191,13 +191,10 @@ def _read_peft(path: str, dim: int, max_length: Optional[int]) -> DePTCheckpoint
     return DePTCheckpoint(config, {name: picked.get(name) for name in TENSOR_NAMES}, source)
 
 
-def _read_whole_model(whole: WholeModelFiles, dim: int, max_length: Optional[int]) -> DePTCheckpoint:
-    data = whole.config.get(MODEL_CONFIG_KEY, {}).get("dept")
-    if data is None:
-        raise FileNotFoundError(f"{whole.config_file} records no DePT adapter (no {MODEL_CONFIG_KEY!r}.dept key): "
-                                "the model was saved without one")
-    source = f"{whole.config_file} ({MODEL_CONFIG_KEY}.dept)"
+def _read_whole_model(whole: WholeModelFiles, dim: int, max_length: Optional[int], name: str) -> DePTCheckpoint:
+    data = whole.adapter_config("dept", name)
+    source = f"{whole.config_file} ({MODEL_CONFIG_KEY}.dept.{name})"
     config = DePTConfig.from_json(data, source)
     _resolve_max_length(config.max_length, max_length)
-    keys = {name: f"dept.{name}" for name in TENSOR_NAMES}
+    keys = {tensor: f"dept_adapters.{name}.{tensor}" for tensor in TENSOR_NAMES}
     return DePTCheckpoint(config, whole.load(keys, _expected_shapes(config, dim)), f"saved model {whole.path}")

@@ -9,8 +9,8 @@ the config again in its header, the copy readers trust). PEFT ``PREFIX_TUNING`` 
 hold ``prompt_embeddings`` (p, layers * 2 * kv_heads * head_dim): the prefixes themselves (PEFT
 evaluates its MLP before saving), loaded as a merged encoder. PEFT's encoder-decoder prefixes sit on
 the decoder's self- and cross-attention, not on the encoder, so those checkpoints are refused for
-T5. A whole-model save holds ``prefix_tuning.encoders.<stack>.<parameter>`` and the config under
-``"dept_fast"`` in ``config.json``.
+T5. A whole-model save holds ``prefix_adapters.<name>.encoders.<stack>.<parameter>`` and the
+config under ``"dept_fast" -> "prefix_tuning" -> name`` in ``config.json``.
 """
 import os
 from dataclasses import asdict, dataclass
@@ -21,10 +21,9 @@ import torch
 from ..modules.prefix_encoder import FusedPrefixEncoder
 from ..modules.prefix_tuning import PrefixTuning
 from .config import PrefixTuningConfig, StackConfig, field
-from .dept import MODEL_CONFIG_KEY
 from .files import (PEFT_CONFIG_NAME, check_header, load_tensors, read_adapter_weights, read_json, read_saved,
                     save_checkpoint)
-from .whole_model import find_whole_model
+from .whole_model import MODEL_CONFIG_KEY, find_whole_model
 
 CONFIG_NAME = "dept_prefix_config.json"
 WEIGHTS_NAME = "dept_prefix.safetensors"
@@ -60,8 +59,9 @@ def expected_tensors(config: PrefixTuningConfig) -> Dict[str, Tuple[int, ...]]:
             for key, shape in FusedPrefixEncoder.parameter_shapes(config.prefix_len, **asdict(stack)).items()}
 
 
-def read_prefix_checkpoint(path: PathLike, is_encoder_decoder: bool) -> PrefixCheckpoint:
-    """Read our format, PEFT PREFIX_TUNING (refused for encoder-decoders) or a whole-model save."""
+def read_prefix_checkpoint(path: PathLike, is_encoder_decoder: bool, adapter_name: str = "default") -> PrefixCheckpoint:
+    """Read our format, PEFT PREFIX_TUNING (refused for encoder-decoders) or a whole-model save (its
+    adapter ``adapter_name``)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory (a prefix-tuning checkpoint is a directory)")
@@ -71,13 +71,10 @@ def read_prefix_checkpoint(path: PathLike, is_encoder_decoder: bool) -> PrefixCh
         return _read_peft(path, is_encoder_decoder)
     whole = find_whole_model(path)
     if whole is not None:
-        data = whole.config.get(MODEL_CONFIG_KEY, {}).get("prefix_tuning")
-        if data is None:
-            raise FileNotFoundError(f"{whole.config_file} records no Prefix-Tuning adapter "
-                                    f"(no {MODEL_CONFIG_KEY!r}.prefix_tuning key): the model was saved without one")
-        config = PrefixTuningConfig.from_json(data, f"{whole.config_file} ({MODEL_CONFIG_KEY}.prefix_tuning)")
+        source = f"{whole.config_file} ({MODEL_CONFIG_KEY}.prefix_tuning.{adapter_name})"
+        config = PrefixTuningConfig.from_json(whole.adapter_config("prefix_tuning", adapter_name), source)
         shapes = expected_tensors(config)
-        tensors = whole.load({name: f"prefix_tuning.encoders.{name}" for name in shapes}, shapes)
+        tensors = whole.load({name: f"prefix_adapters.{adapter_name}.encoders.{name}" for name in shapes}, shapes)
         return PrefixCheckpoint(config, tensors, f"saved model {path}")
     raise FileNotFoundError(f"{path} holds neither {CONFIG_NAME} (dept_fast) nor {PEFT_CONFIG_NAME} (PEFT) "
                             "nor a saved model with a Prefix-Tuning adapter")

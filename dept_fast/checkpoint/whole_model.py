@@ -13,6 +13,8 @@ MODEL_CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN = "pytorch_model.bin"
+MODEL_CONFIG_KEY = "dept_fast"
+"""The key of a transformers model's config under which attached adapters record their configs."""
 
 
 @dataclass
@@ -22,6 +24,20 @@ class WholeModelFiles:
     path: str
     config_file: str
     config: Dict[str, Any]
+
+    def adapter_config(self, kind: str, name: str) -> Dict[str, Any]:
+        """The recorded config of adapter ``name`` of ``kind`` ("dept" or "prefix_tuning")."""
+        records = self.config.get(MODEL_CONFIG_KEY)
+        saved = records.get(kind) if isinstance(records, dict) else None
+        if not isinstance(saved, dict) or not saved:
+            raise FileNotFoundError(f"{self.config_file} records no {kind} adapter (no {MODEL_CONFIG_KEY!r}.{kind} "
+                                    "key): the model was saved without one")
+        if name not in saved:
+            raise ValueError(f"{self.config_file} records no {kind} adapter named {name!r}; it has {sorted(saved)} "
+                             "(pass adapter_name)")
+        if not isinstance(saved[name], dict):
+            raise ValueError(f"{self.config_file}: {MODEL_CONFIG_KEY}.{kind}.{name} must be a json object")
+        return saved[name]
 
     def _file_of(self) -> Dict[str, str]:
         index = os.path.join(self.path, SAFETENSORS_INDEX)

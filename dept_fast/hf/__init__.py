@@ -2,8 +2,10 @@
 onto it (``route.py``), token positions (``positions.py``), attaching adapters (``attach.py``), and
 the thin per-method layers: DePT (``dept.py``, with the shared prompt in ``shared_prompt.py``) and
 Prefix-Tuning (``prefix.py``)."""
+from .adapters import active_adapter, set_adapter
 from .dept import apply_dept, load_dept
 from .prefix import apply_prefix_tuning, load_prefix_tuning
 from .shared_prompt import serving
 
-__all__ = ["apply_dept", "load_dept", "apply_prefix_tuning", "load_prefix_tuning", "serving"]
+__all__ = ["apply_dept", "load_dept", "apply_prefix_tuning", "load_prefix_tuning", "serving", "set_adapter",
+           "active_adapter"]

@@ -48,23 +48,41 @@ class PrefixKV:
     layers write into it (``capture``) reaches the caller.
 
     Attributes:
-        key_values: per slot, the (key, value) prefix, each (1 or batch, kv_heads, p, head_dim); None: no prefix.
+        key_values: per slot, the (key, value) prefixes, each (n, kv_heads, p, head_dim): n = 1 (every
+            row attends to it) or one row per prefix source of a mixed batch; None: no prefix.
+        source: (b,) int64, the ``key_values`` row each batch row attends to, -1 for none; None:
+            every row attends to row 0.
+        valid: (n, p) bool, which slots of each source are real (sources of different lengths are
+            padded to p); None: all.
         capture: filled with slot -> the layer's own (key, value) of this pass (after RoPE, before a
             prefix is joined), each (batch, kv_heads, length, head_dim).
         grad_enabled: whether gradients were being recorded when the pass began (if so and recording
             is off inside the attention, a reentrant checkpoint has switched it off).
         state: what a hook that set this pass up leaves for the hook that completes it (e.g. the
-            shared prompt's labels and logit), carried with the call, never on the model.
+            shared prompt's labels and logits), carried with the call, never on the model.
     """
 
-    __slots__ = ("key_values", "capture", "grad_enabled", "state")
+    __slots__ = ("key_values", "source", "valid", "capture", "grad_enabled", "state")
 
-    def __init__(self, key_values: Optional[Sequence[KeyValue]] = None, capture: Optional[Dict[int, KeyValue]] = None,
+    def __init__(self, key_values: Optional[Sequence[KeyValue]] = None, source: Optional[torch.Tensor] = None,
+                 valid: Optional[torch.Tensor] = None, capture: Optional[Dict[int, KeyValue]] = None,
                  grad_enabled: bool = False, state: Any = None) -> None:
         self.key_values = key_values
+        self.source = source
+        self.valid = valid
         self.capture = capture
         self.grad_enabled = grad_enabled
         self.state = state
+
+    def row_valid(self, batch: int) -> Optional[torch.Tensor]:
+        """(b, p) bool: the prefix slots each row attends to; None when every row attends to all of
+        one shared prefix."""
+        if self.source is None:
+            return None if self.valid is None else self.valid[:1].expand(batch, -1)
+        valid = self.valid if self.valid is not None else torch.ones(
+            self.key_values[0][0].shape[0], self.key_values[0][0].shape[2], dtype=torch.bool,
+            device=self.source.device)
+        return valid[self.source.clamp_min(0)] & (self.source >= 0)[:, None]
 
 
 def wrapped_implementation(attn_implementation: Optional[str]) -> Optional[str]:
@@ -94,40 +112,60 @@ def call_inner(inner: str, module: nn.Module, query: torch.Tensor, key: torch.Te
     return _eager_attention(module)(module, query, key, value, attention_mask, **kwargs)
 
 
-def _mask_with_prefix(attention_mask: Optional[torch.Tensor], n_prefix: int, q_len: int, kv_len: int,
-                      causal: bool, device: torch.device) -> Optional[torch.Tensor]:
-    """Give the mask over the own keys ``n_prefix`` leading attend columns. A missing mask means
-    "attend to all" unless the module is causal, where it becomes the causal mask (query i sees own
-    keys j <= i + kv_len - q_len, the alignment a cache gives)."""
+def _mask_with_prefix(attention_mask: Optional[torch.Tensor], prefix_valid: Optional[torch.Tensor], n_prefix: int,
+                      batch: int, q_len: int, kv_len: int, causal: bool, device: torch.device) -> Optional[torch.Tensor]:
+    """Give the mask over the own keys ``n_prefix`` leading prefix columns: attend to all of them, or
+    per row to ``prefix_valid`` (b, p). A missing mask means "attend to all" unless the module is
+    causal, where it becomes the causal mask (query i sees own keys j <= i + kv_len - q_len, the
+    alignment a cache gives)."""
     if attention_mask is None:
-        if not causal or q_len == 1:
+        if prefix_valid is None and (not causal or q_len == 1):
             return None
-        positions = torch.arange(kv_len, device=device)
-        attention_mask = positions <= torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    attend = True if attention_mask.dtype == torch.bool else 0.0
-    return F.pad(attention_mask, (n_prefix, 0), value=attend)
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+        if causal:
+            attention_mask = attention_mask.tril(kv_len - q_len)
+    boolean = attention_mask.dtype == torch.bool
+    if prefix_valid is None:
+        return F.pad(attention_mask, (n_prefix, 0), value=True if boolean else 0.0)
+    columns = prefix_valid[:, None, None, :].expand(batch, 1, q_len, n_prefix)
+    if not boolean:
+        columns = torch.zeros((), dtype=attention_mask.dtype, device=device).masked_fill(
+            ~columns, torch.finfo(attention_mask.dtype).min)
+    own = attention_mask.expand(batch, 1, q_len, kv_len)
+    return torch.cat([columns.to(own.dtype), own], dim=-1)
 
 
 def attend_with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: Optional[torch.Tensor], prefix_key: torch.Tensor, prefix_value: torch.Tensor,
-                       inner: str, **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                       attention_mask: Optional[torch.Tensor], prefix: PrefixKV, slot: int, inner: str,
+                       **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention of ``query`` (b, heads, q, head_dim) over ``[prefix ; own keys]``.
 
-    This is the one slot for a Triton prefix-attention kernel. Today it expands the prefix (1,
-    kv_heads, p, head_dim) to the batch (a view), concatenates it before the layer's keys/values,
-    gives the mask p leading attend columns (and T5's position bias p zero columns: the prefix has
-    no position) and calls the wrapped implementation with ``is_causal`` off. A fused kernel would
-    attend to the one unexpanded prefix for all rows and merge that with each row's own attention
-    by log-sum-exp, never materialising the concatenation; it must keep this signature and return
-    (output (b, q, heads, head_dim), attention weights or None), exactly as the code below.
-    See :func:`dept_fast.ops.prefix_attention_reference` for the math.
+    This is the one slot for a Triton prefix-attention kernel. Today it takes layer ``slot``'s
+    prefix (n, kv_heads, p, head_dim), expanded to the batch when every row shares it (a view) or
+    gathered per row by ``prefix.source`` in a mixed batch (a (b, kv_heads, p, head_dim) copy: the
+    concatenation below copies it once more, so a mixed batch materialises the prefix rows twice,
+    never per-row copies of anything else), concatenates it before the layer's keys/values, gives the
+    mask p leading prefix columns (real slots only, per row, in a mixed batch; T5's position bias p
+    zero columns: the prefix has no position) and calls the wrapped implementation with
+    ``is_causal`` off. A fused kernel would attend to the unexpanded prefixes and merge that with
+    each row's own attention by log-sum-exp, never materialising the concatenation; it must keep
+    this signature and return (output (b, q, heads, head_dim), attention weights or None), exactly
+    as the code below. See :func:`dept_fast.ops.prefix_attention_reference` for the math.
     """
-    batch, n_prefix = key.shape[0], prefix_key.shape[2]
+    batch = key.shape[0]
+    prefix_key, prefix_value = prefix.key_values[slot]
+    n_prefix = prefix_key.shape[2]
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", False) if causal is None else causal
-    attention_mask = _mask_with_prefix(attention_mask, n_prefix, query.shape[2], key.shape[2], causal, query.device)
-    key = torch.cat([prefix_key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-    value = torch.cat([prefix_value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+    attention_mask = _mask_with_prefix(attention_mask, prefix.row_valid(batch), n_prefix, batch, query.shape[2],
+                                       key.shape[2], causal, query.device)
+    if prefix.source is None:
+        prefix_key, prefix_value = (t.expand(batch, -1, -1, -1) for t in (prefix_key, prefix_value))
+    else:
+        rows = prefix.source.clamp_min(0)
+        prefix_key, prefix_value = prefix_key[rows], prefix_value[rows]
+    key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
+    value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
     if kwargs.get("position_bias") is not None:
         kwargs["position_bias"] = F.pad(kwargs["position_bias"], (n_prefix, 0))
     return call_inner(inner, module, query, key, value, attention_mask, is_causal=False, **kwargs)
@@ -172,10 +210,9 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
             raise RuntimeError(REENTRANT_ERROR)
         spec.capture[slot] = (key, value)
     if slot is not None and spec.key_values is not None:
-        prefix_key, prefix_value = spec.key_values[slot]
-        if lost_grad and (prefix_key.requires_grad or prefix_value.requires_grad):
+        if lost_grad and any(t.requires_grad for t in spec.key_values[slot]):
             raise RuntimeError(REENTRANT_ERROR)
-        return attend_with_prefix(module, query, key, value, attention_mask, prefix_key, prefix_value, inner, **kwargs)
+        return attend_with_prefix(module, query, key, value, attention_mask, spec, slot, inner, **kwargs)
     return call_inner(inner, module, query, key, value, attention_mask, **kwargs)
 
 

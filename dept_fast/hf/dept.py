@@ -30,26 +30,27 @@ left-padded inputs).
 import dataclasses
 import inspect
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from ..checkpoint.dept import adapter_config, build_embedding, read_checkpoint
-from ..modules.dept_embedding import FusedDePTEmbedding
+from ..modules.dept_embedding import FusedDePTEmbedding, mixed_dept_embedding
+from .adapters import DEPT, call_names, PREFIX, RowAdapters, adapters_of, check_name, row_adapters
 from .attach import attach, forward_arguments
 from .positions import cached_length, generation_cache, positions_are_columns, token_positions
 from .route import prefix_route, route_of
-from .shared_prompt import SharedPrompt
+from .shared_prompt import SharedPrompts
 
-ADAPTER_NAME = "dept"
-SHARED_PROMPT_USER = "shared_prompt"
-PREFIX_TUNING_USER = "prefix_tuning"
+DEFAULT_NAME = "default"
 
 
 def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: int,
-               lora_alpha: float = 8.0, share_prompt: Optional[bool] = None) -> nn.Module:
-    """Freeze ``model`` and attach a fresh DePT adapter (``model.dept``) to its input embeddings.
+               lora_alpha: float = 8.0, share_prompt: Optional[bool] = None,
+               adapter_name: str = DEFAULT_NAME) -> nn.Module:
+    """Freeze ``model`` and attach a fresh DePT adapter to its input embeddings
+    (``model.dept_adapters[adapter_name]``; ``model.dept`` while its name is the active one).
 
     Args:
         model: a transformers model with ``get_input_embeddings()`` returning an ``nn.Embedding``:
@@ -67,21 +68,25 @@ def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: 
             (encoder-decoders such as T5, whose encoder is bidirectional). True: on, or a
             ValueError/TypeError saying why it cannot be exact on this model. False: the prompt in
             every row. ``model.dept.share_prompt`` tells which route was taken. With sharing, the
-            logits cover the L input positions only (not m + L).
+            logits cover the L input positions only (not m + L). All DePT adapters of a model take
+            one route: None follows the first one's.
+        adapter_name: the adapter's name (PEFT's convention); more adapters can be attached under
+            other names, and a call picks one per row with ``adapter_names=[...]``
+            (:mod:`dept_fast.hf.adapters`).
 
     Returns:
         The same model object, called exactly as before (``input_ids``, ``attention_mask``,
-        ``labels``, ``generate``); only ``model.dept``'s parameters require grad.
+        ``labels``, ``generate``, plus ``adapter_names``); only the adapters' parameters require grad.
     """
     word_embeddings = _word_embeddings(model)
     _check_position_limit(model, num_prompt_tokens, max_length)
     adapter = FusedDePTEmbedding(word_embeddings, num_prompt_tokens, rank, max_length, lora_alpha)
-    return _attach(model, adapter, share_prompt)
+    return _attach(model, adapter_name, adapter, share_prompt)
 
 
 def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Optional[bool] = None, *,
-              max_length: Optional[int] = None) -> nn.Module:
-    """Freeze ``model`` and attach the DePT adapter saved in directory ``path``.
+              max_length: Optional[int] = None, adapter_name: str = DEFAULT_NAME) -> nn.Module:
+    """Freeze ``model`` and attach the DePT adapter saved in directory ``path`` as ``adapter_name``.
 
     Reads our format (``FusedDePTEmbedding.save_pretrained``), the DePT authors'
     ``PROMPT_TUNING_LORA`` checkpoints, PEFT ``PROMPT_TUNING`` checkpoints and whole-model saves of a
@@ -89,16 +94,18 @@ def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Opt
     :mod:`dept_fast.checkpoint.dept`). ``max_length`` is used only for checkpoints that do not record
     one (PEFT prompt tuning); a decoder-only model defaults it to its position limit minus the
     prompt, an encoder-decoder model with relative positions (T5) has no limit and needs it passed.
-    ``share_prompt`` as in :func:`apply_dept`.
+    ``share_prompt`` and ``adapter_name`` as in :func:`apply_dept` (a whole-model save is read for
+    its adapter of that name).
     """
     word_embeddings = _word_embeddings(model)
-    checkpoint = read_checkpoint(path, word_embeddings.embedding_dim, max_length)
+    _refuse_taken(model, adapter_name)
+    checkpoint = read_checkpoint(path, word_embeddings.embedding_dim, max_length, adapter_name)
     config = checkpoint.config
     limit = _position_limit(model)
     if config.max_length is None and limit is not None and not model.config.is_encoder_decoder:
         checkpoint.config = config = dataclasses.replace(config, max_length=limit - config.num_prompt_tokens)
     _check_position_limit(model, config.num_prompt_tokens, config.max_length)
-    return _attach(model, build_embedding(checkpoint, word_embeddings), share_prompt)
+    return _attach(model, adapter_name, build_embedding(checkpoint, word_embeddings), share_prompt)
 
 
 def _word_embeddings(model: nn.Module) -> nn.Embedding:
@@ -126,10 +133,15 @@ def _check_position_limit(model: nn.Module, num_prompt_tokens: int, max_length: 
                          f"to at most {limit - num_prompt_tokens}")
 
 
-def _attach(model: nn.Module, adapter: FusedDePTEmbedding, share_prompt: Optional[bool]) -> nn.Module:
-    if isinstance(getattr(model, ADAPTER_NAME, None), FusedDePTEmbedding):
-        raise ValueError(f"{type(model).__name__} already has a DePT adapter (model.{ADAPTER_NAME}); "
-                         "apply_dept/load_dept take a model without one")
+def _refuse_taken(model: nn.Module, name: str) -> None:
+    check_name(name)
+    if name in adapters_of(model, DEPT):
+        raise ValueError(f"{type(model).__name__} already has a DePT adapter named {name!r} "
+                         f"(model.dept_adapters[{name!r}]); attach under another adapter_name")
+
+
+def _attach(model: nn.Module, name: str, adapter: FusedDePTEmbedding, share_prompt: Optional[bool]) -> nn.Module:
+    _refuse_taken(model, name)
     if share_prompt not in (None, True, False):
         raise TypeError(f"share_prompt must be None, True or False, got {share_prompt!r}")
     # Rank 0 leaves A (s x 0) and B (0 x d) empty: frozen, so DDP and optimizers never wait on them.
@@ -147,34 +159,55 @@ def _attach(model: nn.Module, adapter: FusedDePTEmbedding, share_prompt: Optiona
                              "be shared")
         adapter.share_prompt = False
         encoder = model.get_encoder()
-        hooks = [(model, "pre", Seq2SeqInputs(adapter, model.forward)),
-                 (encoder, "pre", EncoderInputs(adapter, encoder.forward))]
-        return attach(model, ADAPTER_NAME, adapter, config, hooks)
-    shared = _shared_prompt(model, adapter, share_prompt)
-    adapter.share_prompt = shared is not None
-    hooks = [(model, "pre", DecoderInputs(adapter, model.forward, shared))]
-    if shared is not None:
-        hooks.append((model, "post", shared.add_prompt_loss))
-    return attach(model, ADAPTER_NAME, adapter, config, hooks)
+        return attach(model, DEPT, name, adapter, config, lambda: [
+            (model, "pre", Seq2SeqInputs(model.forward)), (encoder, "pre", EncoderInputs(encoder.forward, model))])
+    adapter.share_prompt = _share_prompt(model, name, adapter, share_prompt)
+    attach(model, DEPT, name, adapter, config, lambda: [])
+    inputs = decoder_inputs(model)
+    if adapter.share_prompt and inputs.shared is None:
+        inputs.shared = SharedPrompts(model, route_of(model))
+    return model
 
 
-def _shared_prompt(model: nn.Module, adapter: FusedDePTEmbedding, share_prompt: Optional[bool]) -> Optional[SharedPrompt]:
-    """The shared-prompt route for a decoder (see :func:`apply_dept`), or None for the prompt in every row."""
+def decoder_inputs(model: nn.Module) -> "DecoderInputs":
+    """The causal decoder's one :class:`DecoderInputs` pre-hook (and the shared prompts' loss hook),
+    registered by the first adapter of any kind attached to it."""
+    for hook in model._forward_pre_hooks.values():
+        if isinstance(hook, DecoderInputs):
+            return hook
+    hook = DecoderInputs(model.forward)
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    model.register_forward_hook(hook.add_prompt_loss, with_kwargs=True)
+    return hook
+
+
+def _share_prompt(model: nn.Module, name: str, adapter: FusedDePTEmbedding, share_prompt: Optional[bool]) -> bool:
+    """Whether a decoder's DePT adapters share their prompts (see :func:`apply_dept`; the model is
+    switched onto the prefix attention if so): a model's adapters all take the route of its first."""
+    existing = list(adapters_of(model, DEPT).values())
+    if existing:
+        shared = existing[0].share_prompt
+        if share_prompt is not None and share_prompt != shared:
+            raise ValueError(f"share_prompt={share_prompt}: the DePT adapters {list(adapters_of(model, DEPT))} of this "
+                             f"model take share_prompt={shared}; all DePT adapters of a model take one route")
+        if shared and name in adapters_of(model, PREFIX):
+            raise ValueError(f"{type(model).__name__} has Prefix-Tuning prefixes named {name!r}, which take the same "
+                             "attention argument as a shared prompt: attach this DePT adapter under another name")
+        return shared
     if share_prompt is False or adapter.num_prompt_tokens == 0:  # no prompt: nothing to share
-        return None
-    route = route_of(model)
-    if route is not None and PREFIX_TUNING_USER in route.users:
+        return False
+    if name in adapters_of(model, PREFIX):
         if share_prompt:
-            raise ValueError(f"share_prompt=True: {type(model).__name__} has Prefix-Tuning prefixes, which take "
-                             "the same attention argument as a shared prompt; use share_prompt=False")
-        return None
+            raise ValueError(f"share_prompt=True: {type(model).__name__} has Prefix-Tuning prefixes named {name!r}, "
+                             "which take the same attention argument as a shared prompt; use share_prompt=False")
+        return False
     try:
-        with prefix_route(model, SHARED_PROMPT_USER) as route:
-            return SharedPrompt(adapter, model, route)
+        with prefix_route(model):
+            return True
     except (TypeError, ValueError) as error:
         if share_prompt:
             raise type(error)(f"share_prompt=True cannot be exact on this model: {error}") from error
-        return None
+        return False
 
 
 def _drop_word_embeddings(module: FusedDePTEmbedding, state_dict: Dict[str, Any], prefix: str, *_) -> None:
@@ -189,28 +222,64 @@ def _reuse_word_embeddings(module: FusedDePTEmbedding, state_dict: Dict[str, Any
 # Building the inputs
 
 
-def embed_tokens(adapter: FusedDePTEmbedding, input_ids: torch.Tensor, positions: torch.Tensor,
+def embed_tokens(rows: RowAdapters, input_ids: torch.Tensor, positions: torch.Tensor,
                  attention_mask: Optional[torch.Tensor], with_prompt: bool) -> torch.Tensor:
-    """``[P ;] E[ids] + scaling * (A @ B)[positions]`` through the adapter: the fused stage when every
-    real token sits at its column, the per-position path otherwise."""
+    """``[P ;] E[ids] + scaling * (A @ B)[positions]`` through the rows' adapters: the fused stage
+    when every real token sits at its column, the per-position path otherwise."""
     columns = positions_are_columns(positions, attention_mask)
-    return adapter(input_ids, with_prompt=with_prompt, positions=None if columns else positions)
+    if rows.uniform:
+        return rows.adapters[0](input_ids, with_prompt=with_prompt, positions=None if columns else positions)
+    return mixed_dept_embedding(rows.adapters, rows.index, input_ids, with_prompt=with_prompt,
+                                positions=None if columns else positions)
 
 
-def _prepend(tensor: torch.Tensor, count: int, value: int) -> torch.Tensor:
-    head = torch.full((tensor.shape[0], count), value, dtype=tensor.dtype, device=tensor.device)
-    return torch.cat([head, tensor], dim=1)
+class PromptSlots(NamedTuple):
+    """The prompt slots before a call's tokens (prompt in every row): ``count`` M (the longest
+    prompt), each row's prompt length ``lengths`` (an int when all rows share one adapter, else (b, 1):
+    a shorter prompt is left-padded, its padding masked)."""
+
+    count: int
+    lengths: Union[int, torch.Tensor]
+
+    @classmethod
+    def of(cls, rows: RowAdapters) -> "PromptSlots":
+        counts = [a.num_prompt_tokens for a in rows.adapters]
+        if rows.uniform:
+            return cls(counts[0], counts[0])
+        table = torch.tensor(counts + [0], device=rows.index.device)  # index -1: no adapter, no prompt
+        return cls(max(counts), table[rows.index][:, None])
+
+    def mask(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(b, M): 1 on each row's prompt slots, 0 on its padding."""
+        return (torch.arange(self.count, device=device) >= self.count - self.lengths).long().expand(batch, -1)
+
+    def positions(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(b, M): model positions of the prompt slots (0..m-1 after the padding, 0 on it)."""
+        return (torch.arange(self.count, device=device) - (self.count - self.lengths)).clamp_min(0).expand(batch, -1)
+
+
+def first_label_first(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``labels`` with each row's first real label (at its first unmasked column) moved to column 0,
+    its own column then ignored (-100). Column 0 is the one a prompt's last position predicts (or
+    nothing, for a row without a prompt: causal LMs drop it), so a left-padded row's loss is the
+    row's alone, instead of its last padding slot predicting its first token."""
+    first = attention_mask.long().argmax(-1, keepdim=True)
+    moved = labels.scatter(1, first, -100)
+    return torch.cat([labels.gather(1, first), moved[:, 1:]], dim=1)
+
+
+def _prepend(tensor: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    return torch.cat([head.to(tensor.dtype), tensor], dim=1)
 
 
 class _Inputs:
-    """A forward pre-hook (``with_kwargs=True``) that rewrites a model's inputs for the adapter.
+    """A forward pre-hook (``with_kwargs=True``) that rewrites a model's inputs for its DePT adapters.
 
-    A callable object rather than a closure, so ``copy.deepcopy(model)`` maps it onto the copy's
-    adapter. It holds configuration only: everything of one call stays in that call.
+    A callable object rather than a closure, so ``copy.deepcopy(model)`` maps it onto the copy. It
+    holds configuration only: everything of one call stays in that call.
     """
 
-    def __init__(self, adapter: FusedDePTEmbedding, forward) -> None:
-        self.adapter = adapter
+    def __init__(self, forward) -> None:
         self.signature = inspect.signature(forward)
         self.takes_position_ids = "position_ids" in self.signature.parameters
 
@@ -235,7 +304,17 @@ class _Inputs:
                              "hold the prompt's positions")
         return kwargs
 
-    def require_ids(self, kwargs: Dict[str, Any]) -> torch.Tensor:
+    @staticmethod
+    def rows(model: nn.Module, kwargs: Dict[str, Any]) -> RowAdapters:
+        """Each row's DePT adapter for this call (``adapter_names``, or the active adapter); no rows
+        take one when the call has no inputs (then the model's own checks speak)."""
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if inputs is None:
+            return RowAdapters((), (), None)
+        return row_adapters(model, DEPT, call_names(kwargs), inputs.shape[0], inputs.device)
+
+    @staticmethod
+    def require_ids(kwargs: Dict[str, Any]) -> torch.Tensor:
         """The call's input_ids; inputs_embeds are refused (the adapter builds them)."""
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("a DePT model builds inputs_embeds itself from input_ids (prompt + low-rank update); "
@@ -246,37 +325,59 @@ class _Inputs:
         return ids
 
 
-def encoder_inputs(adapter: FusedDePTEmbedding, kwargs: Dict[str, Any], input_ids: torch.Tensor) -> Dict[str, Any]:
-    """Encoder inputs ``[P ; E[ids] + update]`` with m ones prepended to the attention mask."""
+def encoder_inputs(rows: RowAdapters, kwargs: Dict[str, Any], input_ids: torch.Tensor) -> Dict[str, Any]:
+    """Encoder inputs ``[P ; E[ids] + update]`` with each row's prompt slots prepended to the mask."""
     mask = kwargs.get("attention_mask")
     positions = token_positions(*input_ids.shape, input_ids.device, mask, None, 0)
-    kwargs["inputs_embeds"] = embed_tokens(adapter, input_ids, positions, mask, with_prompt=True)
+    kwargs["inputs_embeds"] = embed_tokens(rows, input_ids, positions, mask, with_prompt=True)
     kwargs["input_ids"] = None
-    if mask is not None:
-        kwargs["attention_mask"] = _prepend(mask, adapter.num_prompt_tokens, 1)
+    return _with_prompt_mask(kwargs, "attention_mask", PromptSlots.of(rows), input_ids.shape[0], input_ids.device)
+
+
+def _with_prompt_mask(kwargs: Dict[str, Any], key: str, slots: PromptSlots, batch: int,
+                      device: torch.device) -> Dict[str, Any]:
+    """``kwargs[key]`` (a mask over the caller's tokens) with the prompt slots' columns before it; a
+    missing mask stays missing unless rows' prompts differ in length (their padding needs masking)."""
+    mask = kwargs.get(key)
+    if mask is None and isinstance(slots.lengths, int):
+        return kwargs
+    if mask is None:
+        mask = torch.ones(batch, kwargs["inputs_embeds"].shape[1] - slots.count, dtype=torch.long, device=device)
+    kwargs[key] = _prepend(mask, slots.mask(batch, device))
     return kwargs
 
 
 class DecoderInputs(_Inputs):
-    """Decoder-only models: ``__call__`` validates the call and works out each token's position;
-    the prompt then reaches the model by one of two routes, ``prompt_shared`` (``shared`` given:
-    one prompt pass whose K/V every row attends to; the cache holds real tokens only) or
-    ``prompt_in_sequence`` (prompt + update on the first pass, update only on cached steps).
+    """Decoder-only models, one per model whatever its adapters: ``__call__`` validates the call,
+    puts each row's first real label first (:func:`first_label_first`), finds each row's DePT
+    adapter and each token's position; the prompts then reach the model by one of two routes,
+    ``prompt_shared`` (``shared`` set: one prompt pass whose K/V the rows attend to; the cache holds
+    real tokens only) or ``prompt_in_sequence`` (prompt + update on the first pass, update only on
+    cached steps). A call in which no row takes a DePT adapter runs as the plain model.
     """
 
-    def __init__(self, adapter: FusedDePTEmbedding, forward, shared: Optional[SharedPrompt]) -> None:
-        super().__init__(adapter, forward)
-        self.shared = shared
+    def __init__(self, forward) -> None:
+        super().__init__(forward)
+        self.shared: Optional[SharedPrompts] = None
+
+    def add_prompt_loss(self, model: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any) -> Any:
+        """Forward hook: the shared prompts' loss term (see :meth:`SharedPrompts.add_prompt_loss`)."""
+        return None if self.shared is None else self.shared.add_prompt_loss(model, args, kwargs, output)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
         kwargs = self.arguments(args, kwargs)
+        if kwargs.get("labels") is not None and kwargs.get("attention_mask") is not None:
+            kwargs["labels"] = first_label_first(kwargs["labels"], kwargs["attention_mask"])
+        rows = self.rows(module, kwargs)
+        if not rows.adapters:
+            return (), kwargs
         input_ids = self.require_ids(kwargs)
-        m = self.adapter.num_prompt_tokens
+        slots = PromptSlots.of(rows)
         past = cached_length(kwargs)
-        cached_prompt = 0 if self.shared is not None else m  # prompt tokens a cache of this model holds
+        cached_prompt = 0 if self.shared is not None else slots.count  # prompt slots a cache of this model holds
         if 0 < past < cached_prompt:
-            raise ValueError(f"the cache holds {past} tokens, fewer than the {m} prompt tokens: it was not "
-                             "built by this DePT model")
+            raise ValueError(f"the cache holds {past} tokens, fewer than the {cached_prompt} prompt slots: it was not "
+                             "built by this DePT model for these adapters")
         seen = max(past - cached_prompt, 0)  # the caller's tokens already in the cache
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.shape[1] != seen + input_ids.shape[1]:
@@ -284,63 +385,76 @@ class DecoderInputs(_Inputs):
                              f"({seen} cached + {input_ids.shape[1]} new tokens; the prompt is added by the model)")
         positions = token_positions(*input_ids.shape, input_ids.device, mask, kwargs.get("position_ids"), seen)
         if self.shared is not None:
-            return (), self.prompt_shared(module, kwargs, input_ids, positions)
-        return (), self.prompt_in_sequence(kwargs, input_ids, positions, first_pass=past == 0)
+            return (), self.prompt_shared(module, kwargs, rows, input_ids, positions)
+        return (), self.prompt_in_sequence(kwargs, rows, slots, input_ids, positions, first_pass=past == 0)
 
-    def prompt_shared(self, module: nn.Module, kwargs: Dict[str, Any], input_ids: torch.Tensor,
+    def prompt_shared(self, module: nn.Module, kwargs: Dict[str, Any], rows: RowAdapters, input_ids: torch.Tensor,
                       positions: torch.Tensor) -> Dict[str, Any]:
         """The rows carry their tokens alone, ``inputs_embeds`` (b, L, d) at positions m + pos; the
-        prompt's K/V come from :class:`SharedPrompt` (model positions are shifted there)."""
-        kwargs["inputs_embeds"] = embed_tokens(self.adapter, input_ids, positions, kwargs.get("attention_mask"),
+        prompts' K/V come from :class:`SharedPrompts` (model positions are shifted there)."""
+        kwargs["inputs_embeds"] = embed_tokens(rows, input_ids, positions, kwargs.get("attention_mask"),
                                                with_prompt=False)
         kwargs["input_ids"] = None
         if self.takes_position_ids:
             kwargs["position_ids"] = positions
-        return self.shared.input_kwargs(module, kwargs, shift_positions=self.takes_position_ids)
+        return self.shared.input_kwargs(module, kwargs, rows, shift_positions=self.takes_position_ids)
 
-    def prompt_in_sequence(self, kwargs: Dict[str, Any], input_ids: torch.Tensor, positions: torch.Tensor,
-                           first_pass: bool) -> Dict[str, Any]:
-        """Every row carries the prompt: ``inputs_embeds`` (b, m + L, d) on the first pass."""
-        m = self.adapter.num_prompt_tokens
-        mask = kwargs.get("attention_mask")
-        kwargs["inputs_embeds"] = embed_tokens(self.adapter, input_ids, positions, mask, with_prompt=first_pass)
+    def prompt_in_sequence(self, kwargs: Dict[str, Any], rows: RowAdapters, slots: PromptSlots,
+                           input_ids: torch.Tensor, positions: torch.Tensor, first_pass: bool) -> Dict[str, Any]:
+        """Every row carries its prompt: ``inputs_embeds`` (b, M + L, d) on the first pass, each prompt
+        left-padded to the longest M and its padding masked."""
+        batch, device = input_ids.shape[0], input_ids.device
+        given_mask, given_positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        kwargs["inputs_embeds"] = embed_tokens(rows, input_ids, positions, given_mask, with_prompt=first_pass)
         kwargs["input_ids"] = None
-        if mask is not None:
-            kwargs["attention_mask"] = _prepend(mask, m, 1)
-        if first_pass and kwargs.get("labels") is not None:
-            kwargs["labels"] = _prepend(kwargs["labels"], m, -100)
-        if self.takes_position_ids and (mask is not None or kwargs.get("position_ids") is not None):
-            model_positions = positions + m
+        if given_mask is not None or not rows.uniform:
+            if given_mask is None:
+                given_mask = torch.ones(batch, input_ids.shape[1], dtype=torch.long, device=device)
+            kwargs["attention_mask"] = _prepend(given_mask, slots.mask(batch, device))
+        if first_pass and kwargs.get("labels") is not None:  # a row without a prompt predicts no first label
+            labels = kwargs["labels"]
+            labels = torch.cat([labels[:, :1].masked_fill(torch.as_tensor(slots.lengths == 0, device=device), -100),
+                                labels[:, 1:]], dim=1)
+            kwargs["labels"] = _prepend(labels, torch.full((batch, slots.count), -100, device=device))
+        if self.takes_position_ids and (given_mask is not None or given_positions is not None):
+            model_positions = positions + slots.lengths
             if first_pass:
-                prompt_positions = torch.arange(m, device=positions.device).expand(positions.shape[0], m)
-                model_positions = torch.cat([prompt_positions, model_positions], dim=1)
+                model_positions = torch.cat([slots.positions(batch, device), model_positions], dim=1)
             kwargs["position_ids"] = model_positions
         return kwargs
 
 
 class Seq2SeqInputs(_Inputs):
-    """Encoder-decoder models: DePT inputs for the encoder, the prompt's mask columns for the decoder."""
+    """Encoder-decoder models: DePT inputs for the encoder, the prompt slots' mask columns for the decoder."""
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
         kwargs = self.arguments(args, kwargs)
         if kwargs.get("encoder_outputs") is None:
-            return (), encoder_inputs(self.adapter, kwargs, self.require_ids(kwargs))
+            rows = self.rows(module, kwargs)
+            return (), encoder_inputs(rows, kwargs, self.require_ids(kwargs)) if rows.adapters else kwargs
         mask = kwargs.get("attention_mask")
-        if mask is not None:  # generate() ran the encoder already (through EncoderInputs)
-            encoded = kwargs["encoder_outputs"][0].shape[1]
-            m = self.adapter.num_prompt_tokens
-            if encoded != mask.shape[1] + m:
-                raise ValueError(f"encoder_outputs have {encoded} positions but attention_mask has {mask.shape[1]} "
-                                 f"columns; with the {m} prompt tokens expected {mask.shape[1] + m}")
-            kwargs["attention_mask"] = _prepend(mask, m, 1)
+        encoded = kwargs["encoder_outputs"][0]
+        rows = row_adapters(module, DEPT, call_names(kwargs), encoded.shape[0], encoded.device)
+        if mask is not None and rows.adapters:  # generate() ran the encoder already (through EncoderInputs)
+            slots = PromptSlots.of(rows)
+            if encoded.shape[1] != mask.shape[1] + slots.count:
+                raise ValueError(f"encoder_outputs have {encoded.shape[1]} positions but attention_mask has "
+                                 f"{mask.shape[1]} columns; with the {slots.count} prompt slots expected "
+                                 f"{mask.shape[1] + slots.count}")
+            kwargs["attention_mask"] = _prepend(mask, slots.mask(encoded.shape[0], encoded.device))
         return (), kwargs
 
 
 class EncoderInputs(_Inputs):
     """The encoder called on token ids directly (as ``generate()`` does): DePT inputs."""
 
+    def __init__(self, forward, model: nn.Module) -> None:
+        super().__init__(forward)
+        self.model = model
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
         kwargs = self.arguments(args, kwargs)
         if kwargs.get("input_ids") is None:  # embeddings built by Seq2SeqInputs, or the caller's own
             return (), kwargs
-        return (), encoder_inputs(self.adapter, kwargs, self.require_ids(kwargs))
+        rows = self.rows(self.model, kwargs)
+        return (), encoder_inputs(rows, kwargs, self.require_ids(kwargs)) if rows.adapters else kwargs

@@ -12,24 +12,28 @@ Checkpoint formats: :mod:`dept_fast.checkpoint.prefix`.
 """
 import inspect
 import os
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.prefix import PrefixCheckpoint, adapter_config, read_prefix_checkpoint
 from ..modules.prefix_encoder import FusedPrefixEncoder
 from ..modules.prefix_tuning import PrefixTuning
+from .adapters import DEPT, call_names, PREFIX, adapters_of, check_name, row_adapters
 from .attach import attach, forward_arguments, prefix_pass
-from .dept import PREFIX_TUNING_USER, SHARED_PROMPT_USER
-from .route import PrefixRoute, prefix_route, route_of
-
-ADAPTER_NAME = "prefix_tuning"
+from .attention import KeyValue
+from .dept import DEFAULT_NAME, decoder_inputs
+from .route import PrefixRoute, prefix_route
 
 PathLike = Union[str, os.PathLike]
 
 
-def apply_prefix_tuning(model: nn.Module, prefix_len: int, projection_dim: Optional[int] = 512) -> nn.Module:
-    """Freeze ``model`` and attach fresh Prefix-Tuning prefixes (``model.prefix_tuning``).
+def apply_prefix_tuning(model: nn.Module, prefix_len: int, projection_dim: Optional[int] = 512,
+                        adapter_name: str = DEFAULT_NAME) -> nn.Module:
+    """Freeze ``model`` and attach fresh Prefix-Tuning prefixes (``model.prefix_adapters[adapter_name]``;
+    ``model.prefix_tuning`` while its name is the active one).
 
     Args:
         model: a transformers causal decoder whose attention goes through ``AttentionInterface``
@@ -39,23 +43,28 @@ def apply_prefix_tuning(model: nn.Module, prefix_len: int, projection_dim: Optio
         projection_dim: width of the reparameterization MLP (Embedding(p, d) -> Linear(d, mid) ->
             tanh -> Linear(mid, layers * 2 * kv_heads * head_dim), d the model's hidden size), or
             None to train the prefixes directly.
+        adapter_name: the adapter's name; a call picks one per row with ``adapter_names=[...]``
+            (:mod:`dept_fast.hf.adapters`). A DePT adapter of the same name acts together with it
+            (its prompt in every row only).
 
     Returns:
         The same model object, called as before (``input_ids``, ``attention_mask``, ``labels``,
-        ``generate``); only ``model.prefix_tuning``'s parameters require grad. Works with
+        ``generate``, plus ``adapter_names``); only the adapters' parameters require grad. Works with
         ``model.gradient_checkpointing_enable()``; reentrant checkpointing is switched to
         non-reentrant with a warning.
     """
-    return _attach(model, (prefix_len, projection_dim))
+    return _attach(model, adapter_name, (prefix_len, projection_dim))
 
 
-def load_prefix_tuning(model: nn.Module, path: PathLike) -> nn.Module:
-    """Freeze ``model`` and attach the prefixes saved in directory ``path``: our format
-    (:meth:`PrefixTuning.save_pretrained`), a PEFT ``PREFIX_TUNING`` checkpoint, or a whole-model
-    save of a model with prefixes (``model.save_pretrained``, the HF Trainer). Raises ValueError
-    when the checkpoint's layers, heads or head width do not match the model's."""
-    _refuse_second(model)
-    return _attach(model, read_prefix_checkpoint(path, bool(getattr(model.config, "is_encoder_decoder", False))))
+def load_prefix_tuning(model: nn.Module, path: PathLike, adapter_name: str = DEFAULT_NAME) -> nn.Module:
+    """Freeze ``model`` and attach the prefixes saved in directory ``path`` as ``adapter_name``: our
+    format (:meth:`PrefixTuning.save_pretrained`), a PEFT ``PREFIX_TUNING`` checkpoint, or a
+    whole-model save of a model with prefixes (``model.save_pretrained``, the HF Trainer; its
+    adapter of that name). Raises ValueError when the checkpoint's layers, heads or head width do
+    not match the model's."""
+    _refuse_taken(model, adapter_name)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    return _attach(model, adapter_name, read_prefix_checkpoint(path, encoder_decoder, adapter_name))
 
 
 def _hidden_size(model: nn.Module) -> Optional[int]:
@@ -63,53 +72,82 @@ def _hidden_size(model: nn.Module) -> Optional[int]:
     return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
 
 
-def _refuse_second(model: nn.Module) -> None:
-    if hasattr(model, ADAPTER_NAME):
-        raise ValueError(f"{type(model).__name__} already has a prefix-tuning adapter (model.{ADAPTER_NAME}); "
-                         "attach to a fresh model")
+def _refuse_taken(model: nn.Module, name: str) -> None:
+    check_name(name)
+    if name in adapters_of(model, PREFIX):
+        raise ValueError(f"{type(model).__name__} already has a prefix-tuning adapter named {name!r} "
+                         f"(model.prefix_adapters[{name!r}]); attach under another adapter_name")
 
 
-def _attach(model: nn.Module, spec: Union[Tuple[int, Optional[int]], PrefixCheckpoint]) -> nn.Module:
+def _attach(model: nn.Module, name: str, spec: Union[Tuple[int, Optional[int]], PrefixCheckpoint]) -> nn.Module:
     """Attach fresh prefixes (``spec`` = (prefix_len, projection_dim)) or a checkpoint's."""
-    _refuse_second(model)
-    route = route_of(model)
-    if route is not None and SHARED_PROMPT_USER in route.users:
-        raise ValueError(f"{type(model).__name__} has a DePT adapter sharing its prompt's keys/values, which take "
-                         "the same attention argument as prefixes; attach DePT with share_prompt=False to combine them")
-    with prefix_route(model, PREFIX_TUNING_USER) as route:
+    _refuse_taken(model, name)
+    dept = adapters_of(model, DEPT)[name] if name in adapters_of(model, DEPT) else None
+    if getattr(dept, "share_prompt", False):
+        raise ValueError(f"{type(model).__name__} has a DePT adapter named {name!r} sharing its prompt's keys/values, "
+                         "which take the same attention argument as prefixes; attach DePT with share_prompt=False to "
+                         "combine them, or the prefixes under another name")
+    with prefix_route(model) as route:
         device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
         if isinstance(spec, PrefixCheckpoint):
             _check_layouts(spec, route.layouts)
-            prefix_len, stacks = spec.config.prefix_len, {name: (s.projection_dim, s.embed_dim)
-                                                           for name, s in spec.config.stacks.items()}
+            prefix_len, stacks = spec.config.prefix_len, {stack: (s.projection_dim, s.embed_dim)
+                                                           for stack, s in spec.config.stacks.items()}
             dtype = next(iter(spec.tensors.values())).dtype
         else:
             prefix_len, projection_dim = spec
-            stacks = {name: (projection_dim, _hidden_size(model)) for name in route.layouts}
-        encoders = {name: FusedPrefixEncoder(prefix_len, *layout, projection_dim=stacks[name][0],
-                                             embed_dim=stacks[name][1], dtype=dtype, device=device)
-                    for name, layout in route.layouts.items()}
+            stacks = {stack: (projection_dim, _hidden_size(model)) for stack in route.layouts}
+        encoders = {stack: FusedPrefixEncoder(prefix_len, *layout, projection_dim=stacks[stack][0],
+                                              embed_dim=stacks[stack][1], dtype=dtype, device=device)
+                    for stack, layout in route.layouts.items()}
         adapter = PrefixTuning(encoders)
         if isinstance(spec, PrefixCheckpoint):
             adapter.encoders.load_state_dict(spec.tensors)
-    hooks = [(stack, "pre", StackPrefixes(adapter, name, stack, route)) for name, stack in route.stacks.items()]
-    return attach(model, ADAPTER_NAME, adapter, adapter_config(adapter).to_json(), hooks)
+    hooks = lambda: [(stack, "pre", StackPrefixes(model, stack_name, stack, route))  # noqa: E731
+                     for stack_name, stack in route.stacks.items()]
+    attach(model, PREFIX, name, adapter, adapter_config(adapter).to_json(), hooks)
+    if not model.config.is_encoder_decoder:
+        decoder_inputs(model)  # a left-padded row's first label, as for DePT rows
+    return model
 
 
 class StackPrefixes:
-    """Forward pre-hook of one stack: guard the pass, evaluate the stack's prefixes, pass them as the
-    kwarg (a callable object, so ``copy.deepcopy(model)`` maps it onto the copy's adapter)."""
+    """Forward pre-hook of one stack: guard the pass, find each row's prefix adapter, evaluate the
+    stack's prefixes and pass them as the kwarg (a callable object, so ``copy.deepcopy(model)`` maps
+    it onto the copy's adapters). In a mixed batch, each prefix adapter's prefixes are evaluated
+    once and the rows gather theirs in the attention."""
 
-    def __init__(self, adapter: PrefixTuning, name: str, stack: nn.Module, route: PrefixRoute) -> None:
-        self.adapter, self.name, self.route = adapter, name, route
+    def __init__(self, model: nn.Module, name: str, stack: nn.Module, route: PrefixRoute) -> None:
+        self.model, self.name, self.route = model, name, route
         self.signature = inspect.signature(stack.forward)
         self.shift_positions = "position_ids" in self.signature.parameters
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any]]:
         self.route.begin_pass(module)
         kwargs = forward_arguments(self.signature, args, kwargs)
-        key_values = self.adapter.encoders[self.name].key_values()
-        return (), prefix_pass(kwargs, key_values, shift_positions=self.shift_positions)
+        inputs = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        rows = row_adapters(self.model, PREFIX, call_names(kwargs), inputs.shape[0], inputs.device)
+        if not rows.adapters:
+            return (), kwargs
+        if rows.uniform:
+            key_values, valid = rows.adapters[0].encoders[self.name].key_values(), None
+        else:
+            key_values, valid = pack_prefixes([a.encoders[self.name].key_values() for a in rows.adapters])
+        return (), prefix_pass(kwargs, key_values, rows.index, valid, shift_positions=self.shift_positions)
+
+
+def pack_prefixes(per_adapter: List[List[KeyValue]]) -> Tuple[List[KeyValue], torch.Tensor]:
+    """Several adapters' per-layer prefixes (each (1, kv_heads, p_a, head_dim)) as one source per
+    adapter: per layer (n, kv_heads, P, head_dim) zero-padded after each to the longest P, and
+    (n, P) bool marking the real slots."""
+    longest = max(layers[0][0].shape[2] for layers in per_adapter)
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (0, 0, 0, longest - t.shape[2]))
+
+    key_values = [tuple(torch.cat([padded(pair[i]) for pair in slot]) for i in range(2)) for slot in zip(*per_adapter)]
+    lengths = torch.tensor([layers[0][0].shape[2] for layers in per_adapter], device=key_values[0][0].device)
+    return key_values, torch.arange(longest, device=lengths.device) < lengths[:, None]
 
 
 def _check_layouts(checkpoint: PrefixCheckpoint, model: Dict[str, Tuple[int, int, int]]) -> None:

@@ -1,6 +1,6 @@
 """Switching a model onto the prefix attention, and the record of it: :class:`PrefixRoute`.
 
-``with prefix_route(model, user) as route:`` switches ``model`` to the prefix attention of
+``with prefix_route(model) as route:`` switches ``model`` to the prefix attention of
 :mod:`dept_fast.hf.attention` (wrapping the ``"sdpa"`` or ``"eager"`` it used), finds its
 ``route.stacks`` (the modules whose forward builds positions and masks: ``GPT2Model``,
 ``LlamaModel``, T5's two ``T5Stack``) and probes each once on one token to tag every attention
@@ -8,14 +8,13 @@ module it calls, in call order, with its slot (``route.layouts`` = per stack (la
 head_dim)). Models whose attention does not call the function, whose layers do not pass the kwarg
 on, or that are neither causal decoders nor T5 are refused; everything is undone if the ``with``
 body raises, unless the model was on the prefix attention before. The route is kept on the model
-(attribute :data:`ROUTE_ATTR`) with the set of adapter kinds that feed the kwarg (``route.users``),
-so an adapter can see what else uses it.
+(attribute :data:`ROUTE_ATTR`); every adapter that passes prefix keys/values uses the one route.
 """
 import functools
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -39,8 +38,6 @@ class PrefixRoute:
     """Per stack, (layers, kv_heads, head_dim) of its tagged self-attention layers."""
     checkpointed: List[nn.Module]
     """The modules transformers' gradient checkpointing may switch on (see :meth:`begin_pass`)."""
-    users: Set[str] = field(default_factory=set)
-    """The adapter kinds that pass prefix keys/values through this model's attention."""
 
     def begin_pass(self, module: nn.Module) -> None:
         """Before a pass with prefix K/V through ``module`` (a stack, or the model around it): refuse
@@ -61,8 +58,9 @@ def route_of(model: nn.Module) -> Optional[PrefixRoute]:
 
 
 @contextmanager
-def prefix_route(model: nn.Module, user: str) -> Iterator[PrefixRoute]:
-    """Switch ``model`` onto the prefix attention for adapter kind ``user`` (see the module docstring)."""
+def prefix_route(model: nn.Module) -> Iterator[PrefixRoute]:
+    """Switch ``model`` onto the prefix attention (see the module docstring); a no-op beyond the
+    probe for a model already on it."""
     stacks = attention_stacks(model)
     was = model.config._attn_implementation
     inner = wrapped_implementation(was)
@@ -72,7 +70,6 @@ def prefix_route(model: nn.Module, user: str) -> Iterator[PrefixRoute]:
         layouts = {name: _tag_stack(model, name, stack, causal=len(stacks) == 1) for name, stack in stacks.items()}
         route = route_of(model) or PrefixRoute(inner, stacks, layouts, checkpointed_modules(model))
         yield route
-        route.users.add(user)
         model.__dict__[ROUTE_ATTR] = route
     except BaseException:
         if wrapped_implementation(was) is None:

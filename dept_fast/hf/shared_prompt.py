@@ -31,13 +31,14 @@ writes, ``.to()``) can leave a stale prompt behind.
 import inspect
 import threading
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..modules.dept_embedding import FusedDePTEmbedding
+from .adapters import BASE, NAMES_KWARG, RowAdapters
 from .attach import prefix_pass
 from .attention import PREFIX_KWARG, KeyValue
 from .positions import generation_cache
@@ -48,39 +49,43 @@ CACHE_ATTR = "_dept_fast_prompt_states"
 
 
 class PromptStates(NamedTuple):
-    """What one batch-1 pass of the prompt leaves for the input pass."""
+    """What one pass of the prompts of a call's k adapters (batch k) leaves for the input pass."""
 
     key_values: List[KeyValue]
-    """Per layer slot, the prompt's (key, value), each (1, kv_heads, m, head_dim)."""
+    """Per layer slot, the prompts' (key, value), each (k, kv_heads, M, head_dim), M the longest prompt."""
+    valid: Optional[torch.Tensor]
+    """(k, M) bool: the real slots of each prompt (shorter ones are left-padded); None: all (k = 1)."""
     logits: torch.Tensor
-    """(1, 1, V): the last prompt position's logits, which predict the first input token."""
+    """(k, 1, V): each prompt's last position's logits, which predict the first input token."""
 
 
 class PendingLoss(NamedTuple):
-    """The input pass's labels and the prompt's last logit, from the pre-hook to the forward hook."""
+    """The input pass's labels, the prompts' last logits and each row's prompt (-1: none; None: every
+    row the first), from the pre-hook to the forward hook."""
 
     labels: torch.Tensor
     prompt_logits: torch.Tensor
+    source: Optional[torch.Tensor]
 
 
 class _Serving:
-    """The prompt passes computed inside one :func:`serving` context (one per adapter), under a lock."""
+    """The prompt passes computed inside one :func:`serving` context (per set of adapters), under a lock."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.states: Dict["SharedPrompt", PromptStates] = {}
+        self.states: Dict[Tuple[FusedDePTEmbedding, ...], PromptStates] = {}
 
 
 @contextmanager
 def serving(model: nn.Module) -> Iterator[nn.Module]:
-    """Reuse each shared prompt's pass across calls while the context is open (inference servers).
+    """Reuse the shared prompts' pass across calls while the context is open (inference servers).
 
     Inside, the caller promises that no weight of ``model`` changes. The first call without
-    gradients (eval mode, ``torch.no_grad()``/``inference_mode()``, or ``generate()``) runs the
-    prompt pass; every later such call, from any thread, reuses it, so a request costs only its own
-    tokens attending to the prompt. Calls with gradients or in train mode compute their own pass.
-    Closing the context drops the kept passes. Without the context, each call (or each
-    ``generate()``) runs the prompt pass once.
+    gradients (eval mode, ``torch.no_grad()``/``inference_mode()``, or ``generate()``) of a set of
+    adapters runs their prompt pass; every later such call, from any thread, reuses it, so a request
+    costs only its own tokens attending to the prompt. Calls with gradients or in train mode compute
+    their own pass. Closing the context drops the kept passes. Without the context, each call (or
+    each ``generate()``) runs the prompt pass once.
     """
     if model.__dict__.get(SERVING_ATTR) is not None:
         raise RuntimeError(f"dept_fast.serving is already open on this {type(model).__name__}")
@@ -91,8 +96,8 @@ def serving(model: nn.Module) -> Iterator[nn.Module]:
         model.__dict__.pop(SERVING_ATTR, None)
 
 
-class SharedPrompt:
-    """A DePT adapter's prompt, run once per call (see the module docstring for the reuse scopes).
+class SharedPrompts:
+    """The shared-prompt route of a model's DePT adapters (see the module docstring).
 
     Owned by the decoder-only forward hooks of :mod:`dept_fast.hf.dept`: the pre-hook calls
     :meth:`input_kwargs` to turn the caller's kwargs (``inputs_embeds`` already holding the tokens
@@ -100,59 +105,89 @@ class SharedPrompt:
     completes the loss. Holds configuration only, nothing of any one call.
     """
 
-    def __init__(self, adapter: FusedDePTEmbedding, model: nn.Module, route: PrefixRoute) -> None:
-        self.adapter = adapter
+    def __init__(self, model: nn.Module, route: PrefixRoute) -> None:
         self.route = route
         self.num_layers = route.layouts["decoder"][0]
-        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self.takes_logits_to_keep = "logits_to_keep" in parameters
+        self.takes_position_ids = "position_ids" in parameters
 
-    def states(self, model: nn.Module, kwargs: Dict[str, Any]) -> PromptStates:
-        """This call's prompt pass: computed now, or reused from the call's generation cache or an
-        open :func:`serving` context when no gradient is recorded."""
+    def states(self, model: nn.Module, kwargs: Dict[str, Any],
+               adapters: Tuple[FusedDePTEmbedding, ...]) -> PromptStates:
+        """This call's prompt pass for ``adapters``: computed now, or reused from the call's generation
+        cache or an open :func:`serving` context when no gradient is recorded."""
         if torch.is_grad_enabled():
-            return self._prompt_pass(model)
+            return self._prompt_pass(model, adapters)
         serving_scope = model.__dict__.get(SERVING_ATTR)
         if serving_scope is not None and not model.training:
             with serving_scope.lock:
-                if self not in serving_scope.states:
-                    serving_scope.states[self] = self._prompt_pass(model)
-                return serving_scope.states[self]
+                if adapters not in serving_scope.states:
+                    serving_scope.states[adapters] = self._prompt_pass(model, adapters)
+                return serving_scope.states[adapters]
         cache = generation_cache(kwargs)
         if cache is None:
-            return self._prompt_pass(model)
+            return self._prompt_pass(model, adapters)
         kept = cache.__dict__.setdefault(CACHE_ATTR, {})
-        if self not in kept:
-            kept[self] = self._prompt_pass(model)
-        return kept[self]
+        if adapters not in kept:
+            kept[adapters] = self._prompt_pass(model, adapters)
+        return kept[adapters]
 
-    def _prompt_pass(self, model: nn.Module) -> PromptStates:
-        """Run the prompt alone (batch 1, positions 0..m-1) through ``model.forward`` (not
-        ``model(...)``, whose DePT pre-hook is for token ids) and capture every layer's K/V."""
+    def _prompt_pass(self, model: nn.Module, adapters: Tuple[FusedDePTEmbedding, ...]) -> PromptStates:
+        """Run the prompts alone (batch k, each at positions 0..m-1, left-padded to the longest)
+        through ``model.forward`` (not ``model(...)``, whose DePT pre-hook is for token ids) and
+        capture every layer's K/V. Padding slots' K/V are zeroed (they are never attended to)."""
+        dtype = adapters[0].weight.dtype
+        lengths = [a.num_prompt_tokens for a in adapters]
+        longest = max(lengths)
+        prompts = torch.stack([F.pad(a.prompt.to(dtype), (0, 0, longest - a.num_prompt_tokens, 0)) for a in adapters])
+        kwargs: Dict[str, Any] = {"inputs_embeds": prompts, "use_cache": False, NAMES_KWARG: [BASE] * len(adapters)}
+        valid = None
+        if min(lengths) != longest:
+            if not self.takes_position_ids:
+                raise ValueError(f"{type(model).__name__}.forward takes no position_ids, so prompts of different "
+                                 "lengths cannot share one prompt pass")
+            pad = longest - torch.tensor(lengths, device=prompts.device)[:, None]
+            slots = torch.arange(longest, device=prompts.device)
+            valid = slots >= pad
+            kwargs.update(attention_mask=valid.long(), position_ids=(slots - pad).clamp_min(0))
         captured: Dict[int, KeyValue] = {}
-        prompt = self.adapter.prompt.to(self.adapter.weight.dtype)[None]
-        kwargs = prefix_pass({"inputs_embeds": prompt, "use_cache": False}, capture=captured)
+        kwargs = prefix_pass(kwargs, capture=captured)
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         output = model.forward(**kwargs)
         missing = set(range(self.num_layers)) - set(captured)
         if missing:
             raise RuntimeError(f"the prompt pass did not reach the attention of layer slot(s) {sorted(missing)}")
-        return PromptStates([captured[slot] for slot in range(self.num_layers)], _logits(output)[:, -1:])
+        key_values = [captured[slot] for slot in range(self.num_layers)]
+        if valid is not None:
+            keep = valid[:, None, :, None]
+            key_values = [(k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)) for k, v in key_values]
+        return PromptStates(key_values, valid, _logits(output)[:, -1:])
 
-    def input_kwargs(self, model: nn.Module, kwargs: Dict[str, Any], shift_positions: bool) -> Dict[str, Any]:
-        """The input pass's kwargs: the prompt's K/V as the prefix, ``position_ids`` after it, the
-        caller's mask as it is (the prefix attention adds the prompt's columns), labels held back
+    def input_kwargs(self, model: nn.Module, kwargs: Dict[str, Any], rows: RowAdapters,
+                     shift_positions: bool) -> Dict[str, Any]:
+        """The input pass's kwargs: the prompts' K/V as each row's prefix, ``position_ids`` after it,
+        the caller's mask as it is (the prefix attention adds the prompt's columns), labels held back
         (in the call's kwarg) for :meth:`add_prompt_loss`."""
         self.route.begin_pass(model)
-        states = self.states(model, kwargs)
+        prompted = tuple(a for a in rows.adapters if a.num_prompt_tokens > 0)
+        if not prompted:  # update-only adapters (m = 0): nothing to attend to
+            return kwargs
+        source = rows.index
+        if len(prompted) < len(rows.adapters):
+            position = [prompted.index(a) if a in prompted else -1 for a in rows.adapters]
+            table = torch.tensor(position + [-1], device=source.device)  # index -1: no adapter
+            source = table[source]
+        states = self.states(model, kwargs, prompted)
         labels = kwargs.get("labels")
-        pending = None if labels is None else PendingLoss(labels, states.logits)
+        pending = None if labels is None else PendingLoss(labels, states.logits, source)
         kwargs["labels"] = None
-        return prefix_pass(kwargs, states.key_values, shift_positions=shift_positions, state=pending)
+        return prefix_pass(kwargs, states.key_values, source, states.valid, shift_positions=shift_positions,
+                           state=pending)
 
     def add_prompt_loss(self, model: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any) -> Any:
         """Forward hook (``with_kwargs=True``): the loss over the input positions plus the first input
-        token's term from the prompt's last logit, put first in the output as the model would."""
+        token's term from the row's prompt's last logit, put first in the output as the model would."""
         spec = kwargs.get(PREFIX_KWARG)
         pending: Optional[PendingLoss] = getattr(spec, "state", None)
         if not isinstance(pending, PendingLoss):
@@ -163,27 +198,33 @@ class SharedPrompt:
             raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits cover {tuple(logits.shape[:2])} "
                              "(batch, input positions); with a shared prompt, labels are the inputs' alone")
         loss = shared_prompt_loss(model.loss_function, logits, pending.prompt_logits, labels,
-                                  kwargs.get("num_items_in_batch"))
+                                  kwargs.get("num_items_in_batch"), pending.source)
         if isinstance(output, tuple):
             return (loss,) + output
         return type(output)(**{"loss": loss, **{name: value for name, value in output.items() if name != "loss"}})
 
 
 def shared_prompt_loss(loss_function, logits: torch.Tensor, prompt_logits: torch.Tensor, labels: torch.Tensor,
-                       num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       num_items_in_batch: Optional[torch.Tensor] = None,
+                       source: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The causal-LM loss of ``[P ; inputs]`` in every row, from the input positions' logits
-    (b, L, V) and the prompt's last logit (1, 1, V): position t < L - 1 predicts ``labels[:, t + 1]``,
-    the prompt's last position predicts ``labels[:, 0]``; -100 is ignored. Both terms are sums
-    divided by ``num_items_in_batch``, or else by the number of targets, as the model's
-    ``loss_function`` divides."""
+    (b, L, V) and the prompts' last logits (k, 1, V): position t < L - 1 predicts ``labels[:, t + 1]``,
+    the row's prompt's last position predicts ``labels[:, 0]`` (row i's prompt is ``source[i]``; -1:
+    none, so no such term; None: every row the first); -100 is ignored. Both terms are sums divided by
+    ``num_items_in_batch``, or else by the number of targets, as the model's ``loss_function`` divides."""
+    first_labels = labels[:, :1]
+    if source is None:
+        first = prompt_logits[:1].expand(labels.shape[0], 1, -1)
+    else:
+        first = prompt_logits[source.clamp_min(0)]
+        first_labels = first_labels.masked_fill((source < 0)[:, None], -100)
     if num_items_in_batch is None:
-        num_items_in_batch = (labels != -100).sum()
+        num_items_in_batch = (labels[:, 1:] != -100).sum() + (first_labels != -100).sum()
     vocab = logits.shape[-1]
     following = F.pad(labels[:, 1:], (0, 1), value=-100)
-    first = prompt_logits.expand(labels.shape[0], 1, vocab).contiguous()
     return (loss_function(logits, None, vocab_size=vocab, num_items_in_batch=num_items_in_batch, shift_labels=following)
-            + loss_function(first, None, vocab_size=vocab, num_items_in_batch=num_items_in_batch,
-                            shift_labels=labels[:, :1].contiguous()))
+            + loss_function(first.contiguous(), None, vocab_size=vocab, num_items_in_batch=num_items_in_batch,
+                            shift_labels=first_labels.contiguous()))
 
 
 def _logits(output: Any) -> torch.Tensor:

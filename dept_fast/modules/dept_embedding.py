@@ -1,11 +1,11 @@
 """``FusedDePTEmbedding``: a frozen word embedding plus DePT's soft prompt and low-rank update."""
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..ops import dept_embedding, dept_embedding_at_positions
+from ..ops import dept_embedding, dept_embedding_at_positions, dept_embedding_mixed
 from ..ops.checks import FLOAT_DTYPES, ID_CHECKS
 
 
@@ -131,3 +131,20 @@ def check_config(num_prompt_tokens: int, rank: int, max_length: int, lora_alpha:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
         raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+
+
+def mixed_dept_embedding(adapters: Sequence[FusedDePTEmbedding], adapter_index: torch.Tensor,
+                         input_ids: torch.Tensor, with_prompt: bool = True,
+                         positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The DePT stage of a mixed-task batch: row i takes ``adapters[adapter_index[i]]`` (-1: none),
+    ``[0 ; P_a ; E[ids] + scaling_a * (A_a @ B_a)[pos]]`` with each prompt left-padded by zero rows to
+    the longest (see :func:`dept_fast.ops.dept_embedding_mixed`). The adapters must wrap one
+    embedding table; the first one's ``id_check`` applies."""
+    first = adapters[0]
+    if any(a.word_embeddings is not first.word_embeddings for a in adapters):
+        raise ValueError("the adapters of a mixed batch must wrap the same word embeddings")
+    prompts = [a.prompt if with_prompt else a.prompt[:0] for a in adapters]
+    return dept_embedding_mixed(input_ids, adapter_index, first.weight, prompts, [a.lora_A for a in adapters],
+                                [a.lora_B for a in adapters], [a.scaling for a in adapters], positions=positions,
+                                id_check=first.id_check, padding_idx=first.word_embeddings.padding_idx)
+

@@ -1,5 +1,5 @@
 """Input validation done in Python before any launch: a clear error, never an out-of-bounds read."""
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -33,11 +33,13 @@ def check_token_ids(input_ids: torch.Tensor) -> None:
          "for a single sequence pass input_ids.unsqueeze(0)")
 
 
-def check_in_range(name: str, values: torch.Tensor, high: int, what: str, id_check: str = "host") -> None:
-    """Every element of ``values`` lies in [0, high).
+def check_in_range(name: str, values: torch.Tensor, high: Union[int, torch.Tensor], what: str,
+                   id_check: str = "host", low: int = 0) -> None:
+    """Every element of ``values`` lies in [low, high) (``high`` an int, or a tensor broadcast against
+    ``values``: a bound per element).
 
     ``id_check="host"`` compares on the host (one GPU synchronisation) and raises ValueError naming
-    the range found. ``"device"`` queues the comparison as an asynchronous device-side assertion
+    what was found. ``"device"`` queues the comparison as an asynchronous device-side assertion
     (``torch._assert_async``): no host synchronisation, capturable in a CUDA graph, and a failure
     still stops the program (a CUDA device-side assert, a RuntimeError on CPU). Under torch.compile
     the device check is always used (a host check would break the graph).
@@ -45,12 +47,20 @@ def check_in_range(name: str, values: torch.Tensor, high: int, what: str, id_che
     need(id_check in ID_CHECKS, f"id_check must be one of {ID_CHECKS}, got {id_check!r}")
     if not values.numel():
         return
+    bound = high if isinstance(high, int) else "the bound of each"
     if id_check == "device" or torch.compiler.is_compiling():
-        torch._assert_async(((values >= 0) & (values < high)).all(),
-                            f"dept_fast: {name} outside [0, {high}) ({what})")
+        torch._assert_async(((values >= low) & (values < high)).all(),
+                            f"dept_fast: {name} outside [{low}, {bound}) ({what})")
         return
-    low, top = (int(v) for v in torch.aminmax(values))
-    need(low >= 0 and top < high, f"{name} must lie in [0, {high}) ({what}); found values in [{low}, {top}]")
+    if isinstance(high, int):
+        smallest, largest = (int(v) for v in torch.aminmax(values))
+        need(smallest >= low and largest < high,
+             f"{name} must lie in [{low}, {high}) ({what}); found values in [{smallest}, {largest}]")
+        return
+    outside = ~((values >= low) & (values < high))
+    if bool(outside.any()):
+        raise ValueError(f"{name} must lie in [{low}, {bound}) ({what}); found {values[outside][:8].tolist()} "
+                         f"against bounds {torch.broadcast_to(high, values.shape)[outside][:8].tolist()}")
 
 
 def check_dept_inputs(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor,

@@ -4,14 +4,15 @@
 ``[P ; E[ids] + scaling * (A @ B)[:L]]``. ``dept_embedding_at_positions`` lets each token take the
 update row of its own position (left-padded rows, generation steps); it runs in PyTorch.
 """
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .backend import TRITON_AVAILABLE, use_kernels
 from .checks import check_dept_inputs, check_in_range, need
-from .dept_embedding_reference import dept_embedding_reference
+from .dept_embedding_reference import dept_embedding_mixed_reference, dept_embedding_reference
 
 if TRITON_AVAILABLE:  # at import, not inside the Functions: torch.compile traces those
     from .. import kernels
@@ -129,16 +130,88 @@ def dept_embedding_at_positions(input_ids: torch.Tensor, positions: torch.Tensor
     Returns:
         (b, m + L, d) in ``weight.dtype``.
     """
-    check_dept_inputs(input_ids, weight, prompt, lora_A, lora_B)
-    need(positions.shape == input_ids.shape,
-         f"positions must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(positions.shape)}")
+    return dept_embedding_mixed(input_ids, None, weight, [prompt], [lora_A], [lora_B], [scaling], positions=positions,
+                                id_check=id_check, padding_idx=padding_idx)
+
+
+class PackedAdapters(NamedTuple):
+    """Several DePT adapters as one set of tensors (what the mixed stage reads): prompts (k, M, d)
+    left-padded with zeros, lora_A (k, S, R) and lora_B (k, R, d) zero-padded, scaling (k,) fp32,
+    and each adapter's own (m, s)."""
+
+    prompts: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: torch.Tensor
+    sizes: Tuple[Tuple[int, int], ...]
+
+
+def pack_adapters(prompts: Sequence[torch.Tensor], lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor],
+                  scalings: Sequence[float]) -> PackedAdapters:
+    """Stack adapters of any (m, s, r) into :class:`PackedAdapters` (differentiable: gradients reach
+    each adapter's own tensors). One adapter packs as views, without a copy."""
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in (*lora_As, *lora_Bs)])
+    sizes = tuple((p.shape[0], a.shape[0]) for p, a in zip(prompts, lora_As))
+    device = prompts[0].device
+    scaling = torch.tensor([float(s) for s in scalings], dtype=torch.float32, device=device)
+    if len(prompts) == 1:
+        return PackedAdapters(prompts[0][None], lora_As[0][None].to(dtype), lora_Bs[0][None].to(dtype), scaling, sizes)
+    prompt_dtype = functools.reduce(torch.promote_types, [p.dtype for p in prompts])
+    m, s, r = (max(t.shape[i] for t in ts) for ts, i in ((prompts, 0), (lora_As, 0), (lora_As, 1)))
+    return PackedAdapters(
+        torch.stack([F.pad(p.to(prompt_dtype), (0, 0, m - p.shape[0], 0)) for p in prompts]),
+        torch.stack([F.pad(a.to(dtype), (0, r - a.shape[1], 0, s - a.shape[0])) for a in lora_As]),
+        torch.stack([F.pad(b.to(dtype), (0, 0, 0, r - b.shape[0])) for b in lora_Bs]), scaling, sizes)
+
+
+def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.Tensor], weight: torch.Tensor,
+                         prompts: Sequence[torch.Tensor], lora_As: Sequence[torch.Tensor],
+                         lora_Bs: Sequence[torch.Tensor], scalings: Sequence[float],
+                         positions: Optional[torch.Tensor] = None, id_check: str = "host",
+                         padding_idx: Optional[int] = None) -> torch.Tensor:
+    """The DePT stage with an adapter per batch row (mixed-task batches).
+
+    Row i takes adapter ``a = adapter_index[i]`` of the k given (prompt (m_a, d), lora_A (s_a, r_a),
+    lora_B (r_a, d), scaling): ``out[i] = [0 ; P_a ; E[ids[i]] + scaling_a * (A_a @ B_a)[pos]]``, the
+    prompt left-padded with zero rows to the longest prompt M (a caller masks those slots), ``pos``
+    the token's column or ``positions[i, t]``. ``adapter_index`` -1: no adapter (E[ids] after M
+    zero rows); None: every row takes adapter 0. Each token's position must lie below its row's
+    adapter's max_length.
+
+    Returns:
+        (b, M + L, d) in ``weight.dtype``, computed in fp32, rounded once.
+    """
+    k = len(prompts)
+    need(k >= 1 and len(lora_As) == len(lora_Bs) == len(scalings) == k,
+         "prompts, lora_As, lora_Bs and scalings must list the same adapters (at least one)")
+    for prompt, lora_A, lora_B in zip(prompts, lora_As, lora_Bs):
+        check_dept_inputs(input_ids, weight, prompt, lora_A, lora_B)
+    batch, seq_len = input_ids.shape
     check_in_range("input_ids", input_ids, weight.shape[0], "the vocabulary size", id_check)
-    check_in_range("token positions", positions, lora_A.shape[0],
-                   f"the rows of the DePT update, max_length {lora_A.shape[0]}; positions count a row's real "
-                   "tokens, generated ones included: shorten the input or max_new_tokens, or build the adapter "
-                   "with a larger max_length", id_check)
-    embeds = F.embedding(input_ids, weight, padding_idx)
-    if lora_A.shape[1] > 0:
-        update = scaling * (lora_A[positions].float() @ lora_B.float())
-        embeds = (embeds.float() + update).to(weight.dtype)
-    return torch.cat([prompt.to(weight.dtype).expand(input_ids.shape[0], -1, -1), embeds], dim=1)
+    packed = pack_adapters(prompts, lora_As, lora_Bs, scalings)
+    if adapter_index is None:
+        index = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        limit = packed.sizes[0][1]
+    else:
+        need(adapter_index.shape == (batch,) and not adapter_index.is_floating_point(),
+             f"adapter_index must be a ({batch},) integer tensor, got {tuple(adapter_index.shape)} {adapter_index.dtype}")
+        check_in_range("adapter_index", adapter_index, k, f"-1 (no adapter) or one of the {k} adapters", id_check,
+                       low=-1)
+        # -1 rows take a trailing all-zero adapter: no prompt, no update.
+        packed = packed._replace(**{name: F.pad(getattr(packed, name), (0, 0) * (getattr(packed, name).dim() - 1) +
+                                                (0, 1)) for name in ("prompts", "lora_A", "lora_B", "scaling")})
+        index = torch.where(adapter_index < 0, k, adapter_index).long()
+        limit = torch.tensor([s for _, s in packed.sizes] + [packed.lora_A.shape[1]], device=input_ids.device)[index]
+    if positions is None:
+        shortest = min(s for _, s in packed.sizes)
+        need(seq_len <= shortest, f"input length {seq_len} exceeds max_length {shortest} of a low-rank update in "
+                                  "the batch; truncate the inputs or build the adapter with a larger max_length")
+    else:
+        need(positions.shape == input_ids.shape,
+             f"positions must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(positions.shape)}")
+        check_in_range("token positions", positions, limit if isinstance(limit, int) else limit[:, None],
+                       "the rows of the row's DePT update, its max_length; positions count a row's real tokens, "
+                       "generated ones included: shorten the input or max_new_tokens, or build the adapter with a "
+                       "larger max_length", id_check)
+    return dept_embedding_mixed_reference(input_ids, index, weight, packed.prompts, packed.lora_A, packed.lora_B,
+                                          packed.scaling, positions, padding_idx)

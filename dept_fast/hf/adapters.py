@@ -1,0 +1,161 @@
+"""Named adapters on one model, the active one, and which adapter each row of a call takes.
+
+A model carries its DePT adapters in ``model.dept_adapters`` and its Prefix-Tuning adapters in
+``model.prefix_adapters`` (``nn.ModuleDict`` by name, PEFT's convention; one name may have one of
+each kind, which then act together). One name is active (the first attached, until
+:func:`set_adapter`); ``model.dept`` and ``model.prefix_tuning`` are the active name's adapters.
+
+A call runs every row with the active adapter, or, given ``adapter_names=[...]`` (one per row, as
+PEFT's mixed LoRA batches), each row with its own: the name's adapters, or none for
+:data:`BASE` ("__base__", the plain model). An unknown name is an error, never the base model.
+``forward`` takes ``adapter_names`` as a keyword argument (it reaches every hook with the other
+kwargs); ``generate``, which refuses arguments its model's forward does not name, is wrapped on
+the model (:class:`GenerateWithAdapterNames`) to take it and hand it to the hooks of that call.
+"""
+from contextvars import ContextVar
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+BASE = "__base__"
+DEPT, PREFIX = "dept", "prefix_tuning"
+CONTAINERS = {DEPT: "dept_adapters", PREFIX: "prefix_adapters"}
+"""Adapter kind -> the ``nn.ModuleDict`` on the model that holds its adapters by name."""
+ALIASES = {DEPT: "dept", PREFIX: "prefix_tuning"}
+"""Adapter kind -> the model attribute naming the active adapter of that kind."""
+ACTIVE_ATTR = "_dept_fast_active"
+NAMES_KWARG = "adapter_names"
+_generating_names: ContextVar[Optional[List[str]]] = ContextVar("dept_fast_adapter_names", default=None)
+
+
+class GenerateWithAdapterNames:
+    """``model.generate`` taking ``adapter_names=[...]``: the names are set, for this thread or task
+    and for the duration of the call only, where :func:`call_names` finds them (a callable object, so
+    ``copy.deepcopy(model)`` maps it onto the copy)."""
+
+    def __init__(self, generate) -> None:
+        self.generate = generate
+
+    def __call__(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
+        if adapter_names is None:
+            return self.generate(*args, **kwargs)
+        token = _generating_names.set(list(adapter_names))
+        try:
+            return self.generate(*args, **kwargs)
+        finally:
+            _generating_names.reset(token)
+
+
+def call_names(kwargs: Dict[str, Any]) -> Optional[Sequence[str]]:
+    """The ``adapter_names`` of the call these forward kwargs belong to (None: the active adapter)."""
+    names = kwargs.get(NAMES_KWARG)
+    return names if names is not None else _generating_names.get()
+
+
+class RowAdapters(NamedTuple):
+    """Which adapter of one kind each row of a call takes.
+
+    ``adapters`` lists the distinct adapters of the call (in first-seen order); ``index`` (b,) int64
+    gives each row's position in that list, -1 for a row without one; None means every row takes
+    ``adapters[0]`` (a uniform batch). ``adapters`` empty: no row takes an adapter of this kind.
+    """
+
+    names: Tuple[str, ...]
+    adapters: Tuple[nn.Module, ...]
+    index: Optional[torch.Tensor]
+
+    @property
+    def uniform(self) -> bool:
+        return self.index is None
+
+
+def adapters_of(model: nn.Module, kind: str) -> Mapping[str, nn.Module]:
+    """The model's adapters of ``kind`` by name (empty when it has none)."""
+    return model._modules.get(CONTAINERS[kind]) or {}
+
+
+def active_adapter(model: nn.Module) -> Optional[str]:
+    """The name every row takes when a call gives no ``adapter_names`` (None before any adapter)."""
+    return model.__dict__.get(ACTIVE_ATTR)
+
+
+def adapter_names(model: nn.Module) -> List[str]:
+    """Every adapter name on ``model`` (of either kind), in the order they were attached."""
+    names = []
+    for kind in CONTAINERS:
+        names += [name for name in adapters_of(model, kind) if name not in names]
+    return names
+
+
+def add_adapter(model: nn.Module, kind: str, name: str, adapter: nn.Module) -> bool:
+    """Register ``adapter`` as ``name`` of ``kind`` (the first adapter of a model becomes active).
+    Returns whether it is the model's first adapter of this kind (its hooks are then needed)."""
+    check_name(name)
+    container = model._modules.get(CONTAINERS[kind])
+    first = container is None
+    if first:
+        container = nn.ModuleDict()
+        model.add_module(CONTAINERS[kind], container)
+    if name in container:
+        raise ValueError(f"{type(model).__name__} already has a {ALIASES[kind]} adapter named {name!r} "
+                         f"(model.{CONTAINERS[kind]}[{name!r}]); attach under another adapter_name")
+    container[name] = adapter
+    if active_adapter(model) is None:
+        model.__dict__[ACTIVE_ATTR] = name
+    if hasattr(model, "generate") and not isinstance(model.__dict__.get("generate"), GenerateWithAdapterNames):
+        model.__dict__["generate"] = GenerateWithAdapterNames(model.generate)
+    _update_aliases(model)
+    return first
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the adapter every row of a call takes when the call gives no ``adapter_names``."""
+    if name not in adapter_names(model):
+        raise ValueError(f"{type(model).__name__} has no adapter named {name!r}; it has {adapter_names(model)}")
+    model.__dict__[ACTIVE_ATTR] = name
+    _update_aliases(model)
+
+
+def _update_aliases(model: nn.Module) -> None:
+    """``model.dept`` / ``model.prefix_tuning``: plain attributes (not submodules, so nothing is
+    registered or saved twice) naming the active name's adapter of each kind."""
+    active = active_adapter(model)
+    for kind, alias in ALIASES.items():
+        adapter = adapters_of(model, kind)[active] if active in adapters_of(model, kind) else None
+        if adapter is None:
+            model.__dict__.pop(alias, None)
+        else:
+            model.__dict__[alias] = adapter
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or name == BASE or "." in name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', other than {BASE!r}; got {name!r}")
+
+
+def row_adapters(model: nn.Module, kind: str, names: Optional[Sequence[str]], batch: int,
+                 device: torch.device) -> RowAdapters:
+    """Each row's adapter of ``kind`` for a call with ``adapter_names`` = ``names`` (None: the active one)."""
+    container = adapters_of(model, kind)
+    if names is None:
+        active = active_adapter(model)
+        return RowAdapters((active,), (container[active],), None) if active in container else RowAdapters((), (), None)
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per row; got {names!r}")
+    if len(names) != batch:
+        raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch} rows (one per row; beam search "
+                         "and num_return_sequences > 1 expand the batch and are not supported with adapter_names)")
+    known = adapter_names(model)
+    unknown = sorted({n for n in names if n != BASE and n not in known})
+    if unknown:
+        raise ValueError(f"unknown adapter name(s) {unknown}; {type(model).__name__} has {known} "
+                         f"(and {BASE!r} for the plain model)")
+    present = tuple(dict.fromkeys(n for n in names if n in container))
+    if not present:
+        return RowAdapters((), (), None)
+    if len(present) == 1 and all(n == present[0] for n in names):
+        return RowAdapters(present, (container[present[0]],), None)
+    position = {name: i for i, name in enumerate(present)}
+    index = torch.tensor([position.get(n, -1) for n in names], dtype=torch.long, device=device)
+    return RowAdapters(present, tuple(container[n] for n in present), index)
