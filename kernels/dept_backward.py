@@ -11,8 +11,12 @@ With G = dLoss/dout of shape (b, m + L, d):
 
 ``_dept_bwd_kernel`` streams G once: each program reduces its (BLOCK_T x BLOCK_D) tile over the
 batch rows of its group into fp32 registers and stores the partial sum (no float atomics), and,
-when dE is wanted, scatter-adds each G row into an fp32 dE buffer with atomics. The reduced S is
-b times smaller than G; the two rank-r products on it are left to cuBLAS (fp32). dP, dA and dB
+when dE is wanted, scatter-adds each G row into an fp32 dE buffer with relaxed atomics (no memory
+fences: nothing reads dE until the kernel ends). The batch loop is software-pipelined
+(``tl.range(num_stages=STAGES)``: rows i + 1 .. i + STAGES - 1 are loading, by cp.async into shared
+memory, while row i is added), so every thread keeps 8-12 16-byte loads of G in flight instead of
+waiting on each row; the adds still run in row order, so the sums are the same bits as unpipelined.
+The reduced S is b times smaller than G; the two rank-r products on it are left to cuBLAS (fp32). dP, dA and dB
 are therefore bit-for-bit deterministic; dE is deterministic only through ``deterministic=True``,
 which replaces the atomics by PyTorch's sort-based embedding backward (a second read of G).
 """
@@ -23,7 +27,8 @@ import triton
 import triton.language as tl
 
 from . import buffers
-from .tiling import TileConfig, choose_tiles
+from . import tiling
+from .tiling import Plan, TileConfig, choose_tiles
 
 
 @triton.jit
@@ -32,7 +37,7 @@ def _dept_bwd_kernel(
     batch, seq_len, vocab, dim, n_prompt, rows_per_group,
     stride_grad_b, stride_grad_t, stride_ids_b,
     SCATTER_EMB: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -55,18 +60,30 @@ def _dept_bwd_kernel(
     p_grad = grad_ptr + row_base * stride_grad_b + o_j[:, None] * stride_grad_t + o_d[None, :]
     p_ids = ids_ptr + row_base * stride_ids_b + o_t
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for _ in range(row_start, row_end):
+    for _ in tl.range(row_start, row_end, num_stages=STAGES):
         b_g = tl.load(p_grad, mask=m_jd, other=0.0).to(tl.float32)
         acc += b_g
         if SCATTER_EMB:
             b_ids = tl.load(p_ids, mask=m_t, other=-1).to(tl.int64)
             m_ok = m_t & (b_ids >= 0) & (b_ids < vocab)
             tl.atomic_add(grad_emb_ptr + b_ids[:, None] * dim + o_d[None, :], b_g,
-                          mask=m_ok[:, None] & m_d[None, :])
+                          mask=m_ok[:, None] & m_d[None, :], sem="relaxed")
         p_grad += stride_grad_b
         p_ids += stride_ids_b
     p_sum = colsum_ptr + pid_g.to(tl.int64) * n_pos * dim + o_j[:, None] * dim + o_d[None, :]
     tl.store(p_sum, acc, mask=m_jd)
+
+
+def plan_dept_backward(batch: int, n_pos: int, dim: int, element_size: int, scatter: bool,
+                       sm_count: Optional[int], tiles: Optional[TileConfig] = None) -> Plan:
+    """Grid and launch arguments of ``_dept_bwd_kernel`` for G of shape (batch, n_pos, dim) on a GPU with
+    ``sm_count`` SMs (None: the interpreter); ``tiles`` overrides :func:`tiling.choose_tiles`. The batch
+    groups are ``grid[2]``."""
+    tiles = tiles or choose_tiles(batch, n_pos, dim, element_size, sm_count,
+                                  max_groups=max(1, batch * element_size // 32))
+    grid = (triton.cdiv(n_pos, tiles.block_t), triton.cdiv(dim, tiles.block_d), tiles.groups)
+    return Plan(grid, dict(SCATTER_EMB=scatter, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
+                           STAGES=tiling._BWD_STAGES, num_warps=tiles.num_warps))
 
 
 def dept_backward(
@@ -89,23 +106,18 @@ def dept_backward(
     scatter = emb_dtype is not None and not deterministic
     grad_emb = torch.zeros((vocab, dim), dtype=torch.float32, device=device) if scatter else None
 
-    # Each batch group adds an fp32 (m + L, d) slab of partial sums: keep them <= 1/8 of G's bytes.
-    max_groups = max(1, batch * grad_out.element_size() // 32)
-    tiles = tiles or choose_tiles(batch, n_pos, dim, grad_out.element_size(), device, max_groups)
-    colsum = buffers.allocate((tiles.groups, n_pos, dim), torch.float32, device)
+    plan = plan_dept_backward(batch, n_pos, dim, grad_out.element_size(), scatter, tiling._sm_count(device), tiles)
+    groups = plan.grid[2]
+    colsum = buffers.allocate((groups, n_pos, dim), torch.float32, device)
     if colsum.numel() and batch:
-        grid = (triton.cdiv(n_pos, tiles.block_t), triton.cdiv(dim, tiles.block_d), tiles.groups)
-        _dept_bwd_kernel[grid](
+        tiling.launch(
+            _dept_bwd_kernel, plan,
             grad_out, ids, colsum, grad_emb if scatter else colsum,
-            batch, seq_len, vocab, dim, n_prompt, tiles.rows_per_group(batch),
-            grad_out.stride(0), grad_out.stride(1), ids.stride(0),
-            SCATTER_EMB=scatter,
-            BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
-            num_warps=tiles.num_warps,
-        )
+            batch, seq_len, vocab, dim, n_prompt, triton.cdiv(batch, groups),
+            grad_out.stride(0), grad_out.stride(1), ids.stride(0))
     else:
         colsum.zero_()
-    col = colsum[0] if tiles.groups == 1 else colsum.sum(0)
+    col = colsum[0] if groups == 1 else colsum.sum(0)
 
     grad_prompt = col[:n_prompt].to(prompt_dtype)
     g_in = col[n_prompt:]

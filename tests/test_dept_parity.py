@@ -95,6 +95,23 @@ def test_tilings_and_batch_groups(tiles, device, poison):
         assert rel_err(got, ref[name]) <= TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 9])
+def test_backward_adds_batch_rows_once_in_order(batch, device, poison):
+    """The backward's batch loop is software-pipelined on the GPU (rows load ahead of the add): batches
+    shorter than its depth and not a multiple of it still add every row exactly once, in row order,
+    so dP is the row-ordered fp32 sum bit for bit."""
+    shape = (batch, 10, 16, 30, 40, 5, 3)
+    inp = make_inputs(shape, torch.float32, device)
+    grad_out = torch.randn(batch, 15, 40, generator=torch.Generator().manual_seed(5)).to(device)
+    _, grad_prompt, _, _ = dept_backward(grad_out, inp["ids"], shape[3], inp["lora_A"], inp["lora_B"],
+                                         inp["scaling"], shape[5], torch.float32, emb_dtype=None,
+                                         tiles=TileConfig(block_t=16, block_d=64, groups=1))
+    expected = grad_out[0, :5].clone()
+    for row in grad_out[1:, :5]:
+        expected += row
+    assert torch.equal(grad_prompt, expected)
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-scatter", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_embedding_grad_when_unfrozen(dtype, deterministic, device, poison):

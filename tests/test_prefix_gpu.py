@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dept_fast import FusedPrefixEncoder, apply_prefix_tuning
-from dept_fast.kernels.prefix_kv import choose_blocks
+from dept_fast.kernels.prefix_kv import plan_prefix_kv_backward
 from dept_fast.ops import prefix_kv_projection
 from numerics import TOL, rel_err
 from test_prefix_kv_parity import make_inputs, reference_fp32
@@ -36,7 +36,9 @@ def test_kernels_match_reference(shape, dtype, poison):
 
 def test_hidden_gradient_is_split_over_n_and_deterministic():
     shape = SHAPES["llama-8L,p64,mid512"]
-    assert choose_blocks(64, 512, 8 * 2 * 4 * 64, 2, CUDA).splits > 1
+    sm_count = torch.cuda.get_device_properties(CUDA).multi_processor_count
+    _, _, n_per_split = plan_prefix_kv_backward(64, 512, 8 * 2 * 4 * 64, 64, 2, torch.bfloat16, sm_count)
+    assert n_per_split < 8 * 2 * 4 * 64
     hidden, weight, bias = (t.requires_grad_() for t in make_inputs(shape, torch.bfloat16, CUDA))
     grad_out = torch.randn(shape[0], 2, shape[1], shape[3], shape[2], device=CUDA, dtype=torch.bfloat16)
     grads = []
