@@ -98,7 +98,7 @@ def plan_dept_forward(batch: int, n_prompt: int, seq_len: int, dim: int, rank: i
 def dept_forward(ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor,
                  lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                  tiles: TileConfig = None) -> torch.Tensor:
-    """Launch the fused forward. Inputs must already be validated (see ``dept_fast._checks``).
+    """Launch the fused forward. Inputs must already be validated (see ``dept_fast.ops.checks``).
 
     ``ids`` (b, L) int32/int64; ``weight`` (V, d) with unit stride along d; ``prompt`` (m, d);
     ``lora_A`` (s, r); ``lora_B`` (r, d). Returns (b, m + L, d) in ``weight.dtype``.

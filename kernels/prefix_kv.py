@@ -296,7 +296,7 @@ def prefix_kv_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """``(tanh(hidden) @ weight.T + bias)`` in the (layers, 2, kv_heads, p, head_dim) layout.
 
     ``hidden`` (p, mid); ``weight`` (N, mid) with N = layers * 2 * kv_heads * head_dim; ``bias`` (N,).
-    Inputs must already be validated, every size >= 1 (see ``dept_fast.prefix_projection``).
+    Inputs must already be validated, every size >= 1 (see ``dept_fast.ops.checks``).
     Returns ``weight.dtype``.
     """
     hidden, weight, bias = hidden.contiguous(), weight.contiguous(), bias.contiguous()
