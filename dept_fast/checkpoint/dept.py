@@ -7,7 +7,7 @@ Our format (``FusedDePTEmbedding.save_pretrained``), a directory with
                             the config again in the header (the copy readers trust, see files.py)
 
 Read as well (a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` or
-``adapter_model.bin``; ``.bin`` files go through ``torch.load(weights_only=True)``):
+``adapter_model.bin``; ``.bin`` files go through ``torch.load(weights_only=True, mmap=True)``):
 * the DePT authors' ``PROMPT_TUNING_LORA`` (github.com/ZhengxiangShi/DePT): tensors
   ``prompt_embeddings`` (num_virtual_tokens x num_transformer_submodules rows, the first
   num_virtual_tokens used), ``prompt_encoder.lora_embedding_A`` (max_length, r) and
@@ -16,13 +16,15 @@ Read as well (a directory with ``adapter_config.json`` and ``adapter_model.safet
   when ``load_lora_embedding_B``) is true; a B that is not read stays at its zero initialisation,
   so the update is zero, which is what their code computes;
 * PEFT ``PROMPT_TUNING``: ``prompt_embeddings`` only (rank 0); PEFT records no max_length;
-* a whole-model save of a model with DePT adapters: ``config.json`` holds each adapter's config
-  under ``"dept_fast" -> "dept" -> name`` (written there by ``apply_dept``/``load_dept``), the
-  model's safetensors (one file or an index of shards) hold ``dept_adapters.<name>.prompt``,
-  ``.lora_A``, ``.lora_B``.
+* a whole-model save of a model with DePT adapters (:mod:`~dept_fast.checkpoint.whole_model`):
+  each adapter's config recorded in ``config.json`` under ``"dept_fast" -> "dept" -> name`` (by
+  ``apply_dept``/``load_dept``), its tensors ``dept_adapters.<name>.prompt``, ``.lora_A``,
+  ``.lora_B`` in the model's weights.
 
-Every reader checks names, dtypes and shapes (against the config and the model's width) before a
-tensor is loaded or an adapter allocated.
+Every reader checks names, dtypes and shapes (against the config and the model's width) in the
+files' headers before a tensor is loaded or an adapter allocated. The one allocation a file does not
+back is the DePT authors' A/B left unread (a fresh (max_length, r) update, as their loader makes);
+``load_dept`` checks max_length against the model's position limit first, where it has one.
 """
 import os
 from dataclasses import dataclass
@@ -33,9 +35,9 @@ from torch import nn
 
 from ..modules.dept_embedding import FusedDePTEmbedding
 from .config import DePTConfig, field
-from .files import (PEFT_CONFIG_NAME, check_header, load_tensors, read_adapter_weights, read_json, read_saved,
-                    save_checkpoint)
-from .whole_model import MODEL_CONFIG_KEY, WholeModelFiles, find_whole_model
+from .files import (PEFT_CONFIG_NAME, Tensors, check_header, is_saved, read_adapter_weights, read_json,
+                    read_saved, save_checkpoint)
+from .whole_model import WholeModel, find_whole_model
 
 CONFIG_NAME = "dept_config.json"
 WEIGHTS_NAME = "dept_model.safetensors"
@@ -43,6 +45,8 @@ AUTHORS_A, AUTHORS_B = "prompt_encoder.lora_embedding_A", "prompt_encoder.lora_e
 # Defaults of the DePT authors' PromptTuningLoRAConfig, for fields their json may leave out.
 AUTHORS_DEFAULTS = {"r": 8, "lora_alpha": 8, "max_length": 256, "load_lora_embeddings": True,
                     "load_lora_embedding_B": True}
+KIND = "dept"
+"""DePT adapters' key among a model's recorded configs; their tensors sit under ``dept_adapters.<name>.``."""
 TENSOR_NAMES = ("prompt", "lora_A", "lora_B")
 
 PathLike = Union[str, os.PathLike]
@@ -79,12 +83,12 @@ def load_embedding(path: PathLike, word_embeddings: nn.Embedding,
 def read_checkpoint(path: PathLike, dim: int, max_length: Optional[int] = None,
                     adapter_name: str = "default") -> DePTCheckpoint:
     """Read an adapter directory for a model of width ``dim``: ours, the DePT authors', PEFT prompt
-    tuning, or a whole-model save (its adapter ``adapter_name``). ``max_length`` fills in a
-    checkpoint that records none (PEFT) and must agree with one that does."""
+    tuning, or a whole-model save. ``max_length`` fills in a checkpoint that records none (PEFT) and
+    must agree with one that does."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory (a DePT checkpoint is a directory)")
-    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+    if is_saved(path, CONFIG_NAME, WEIGHTS_NAME):
         return _read_ours(path, dim, max_length)
     if os.path.isfile(os.path.join(path, PEFT_CONFIG_NAME)):
         return _read_peft(path, dim, max_length)
@@ -134,15 +138,25 @@ def _check_shapes(found: Dict[str, Tuple[int, ...]], config: DePTConfig, dim: in
                              "from the model's embeddings)")
 
 
-def _read_ours(path: str, dim: int, max_length: Optional[int]) -> DePTCheckpoint:
-    config, weights, header = read_saved(path, CONFIG_NAME, WEIGHTS_NAME, DePTConfig.from_json)
+def _adapter_tensors(config: DePTConfig, tensors: Tensors, dim: int, max_length: Optional[int],
+                     source: str) -> DePTCheckpoint:
+    """Our tensor names (prompt, lora_A, lora_B): checked against ``config`` and ``dim``, then loaded."""
     _resolve_max_length(config.max_length, max_length)
-    _check_shapes({name: header[name][1] for name in TENSOR_NAMES if name in header}, config, dim, weights)
-    check_header(weights, header, _expected_shapes(config, dim))
-    if set(header) != set(TENSOR_NAMES):
-        raise ValueError(f"{weights}: unexpected tensors {sorted(set(header) - set(TENSOR_NAMES))} "
-                         f"(a DePT adapter holds {list(TENSOR_NAMES)})")
-    return DePTCheckpoint(config, load_tensors(weights, TENSOR_NAMES), f"dept_fast checkpoint {path}")
+    _check_shapes({name: tensors.header[name][1] for name in TENSOR_NAMES if name in tensors.header}, config, dim,
+                  tensors.source)
+    check_header(tensors.source, tensors.header, _expected_shapes(config, dim))
+    return DePTCheckpoint(config, tensors.load(TENSOR_NAMES), source)
+
+
+def _read_ours(path: str, dim: int, max_length: Optional[int]) -> DePTCheckpoint:
+    config, tensors = read_saved(path, CONFIG_NAME, WEIGHTS_NAME, DePTConfig.from_json)
+    return _adapter_tensors(config, tensors, dim, max_length, f"dept_fast checkpoint {path}")
+
+
+def _read_whole_model(whole: WholeModel, dim: int, max_length: Optional[int], name: str) -> DePTCheckpoint:
+    data, source = whole.adapter_config(KIND, name)
+    return _adapter_tensors(DePTConfig.from_json(data, source), whole.tensors(f"dept_adapters.{name}."), dim,
+                            max_length, f"saved model {whole.path}")
 
 
 def _read_peft(path: str, dim: int, max_length: Optional[int]) -> DePTCheckpoint:
@@ -154,47 +168,39 @@ def _read_peft(path: str, dim: int, max_length: Optional[int]) -> DePTCheckpoint
                          "PROMPT_TUNING_LORA (DePT authors) and PROMPT_TUNING (PEFT)")
     m = field(data, "num_virtual_tokens", config_file, "int", 0)
     rows = m * (field(data, "num_transformer_submodules", config_file, "int", 1, default=None) or 1)
-    file, header, loaded = read_adapter_weights(path)
+    keys = {"prompt": "prompt_embeddings"}  # our name -> theirs
+    if peft_type == "PROMPT_TUNING":
+        source, config, flags = "PEFT PROMPT_TUNING", DePTConfig(m, 0, _resolve_max_length(None, max_length)), {}
+    else:
+        source, keys = "DePT authors' PROMPT_TUNING_LORA", {**keys, "lora_A": AUTHORS_A, "lora_B": AUTHORS_B}
+        data = {**AUTHORS_DEFAULTS, **data}
+        config = DePTConfig(m, field(data, "r", config_file, "int", 0),
+                            _resolve_max_length(field(data, "max_length", config_file, "int", 1), max_length),
+                            field(data, "lora_alpha", config_file, "number"))
+        load_a, load_b = (field(data, key, config_file, "bool") for key in ("load_lora_embeddings",
+                                                                            "load_lora_embedding_B"))
+        flags = {"lora_A": load_a, "lora_B": load_a and load_b}
+    tensors = read_adapter_weights(path)
+    header = tensors.header
+    if set(header) - set(keys.values()):
+        raise ValueError(f"{path}: unexpected tensors {sorted(set(header) - set(keys.values()))} "
+                         f"(a {source} checkpoint holds {sorted(keys.values())})")
+    if AUTHORS_B in header and AUTHORS_A not in header:
+        raise ValueError(f"{path} stores lora_embedding_B but no lora_embedding_A; the DePT authors' loader "
+                         "cannot read it either")
     prompt = header.get("prompt_embeddings")
     if prompt is None or len(prompt[1]) != 2 or prompt[1][0] != rows:
         found = "none" if prompt is None else f"shape {prompt[1]}"
         raise ValueError(f"{path}: expected prompt_embeddings with {rows} rows (num_virtual_tokens x "
                          f"num_transformer_submodules), found {found}")
-    found = {"prompt": (m, prompt[1][1])}
-    if peft_type == "PROMPT_TUNING":
-        allowed, source = {"prompt_embeddings"}, "PEFT PROMPT_TUNING"
-        config = DePTConfig(m, 0, _resolve_max_length(None, max_length))
-        wanted = {}
-    else:
-        allowed, source = {"prompt_embeddings", AUTHORS_A, AUTHORS_B}, "DePT authors' PROMPT_TUNING_LORA"
-        data = {**AUTHORS_DEFAULTS, **data}
-        config = DePTConfig(m, field(data, "r", config_file, "int", 0),
-                            _resolve_max_length(field(data, "max_length", config_file, "int", 1), max_length),
-                            field(data, "lora_alpha", config_file, "number"))
-        load_a = field(data, "load_lora_embeddings", config_file, "bool")
-        load_b = load_a and field(data, "load_lora_embedding_B", config_file, "bool")
-        if AUTHORS_B in header and AUTHORS_A not in header:
-            raise ValueError(f"{path} stores lora_embedding_B but no lora_embedding_A; the DePT authors' loader "
-                             "cannot read it either")
-        wanted = {name: key for name, key, flag in (("lora_A", AUTHORS_A, load_a), ("lora_B", AUTHORS_B, load_b))
-                  if flag and key in header}
-        found.update({name: header[key][1] for name, key in wanted.items()})
-    if set(header) - allowed:
-        raise ValueError(f"{path}: unexpected tensors {sorted(set(header) - allowed)} "
-                         f"(a {source} checkpoint holds {sorted(allowed)})")
-    _check_shapes(found, config, dim, f"{source} checkpoint")
-    check_header(file, header, {key: header[key][1] for key in ["prompt_embeddings", *wanted.values()]})
-    keys = {"prompt": "prompt_embeddings", **wanted}
-    tensors = loaded if loaded is not None else load_tensors(file, keys.values())
-    picked = {name: tensors[key] for name, key in keys.items()}
+    # Read: the prompt, and A / B where stored and their flags say so (as the authors' loader does).
+    read = ["prompt", *(name for name, flag in flags.items() if flag and keys[name] in header)]
+    _check_shapes({name: (m, prompt[1][1]) if name == "prompt" else header[keys[name]][1] for name in read},
+                  config, dim, f"{source} checkpoint")
+    expected = {**_expected_shapes(config, dim), "prompt": (rows, dim)}
+    check_header(tensors.source, {keys[name]: header[keys[name]] for name in read},
+                 {keys[name]: expected[name] for name in read})
+    loaded = tensors.load([keys[name] for name in read])
+    picked = {name: loaded[keys[name]] for name in read}
     picked["prompt"] = picked["prompt"][:m]  # encoder-decoder checkpoints keep an unused decoder copy after m rows
     return DePTCheckpoint(config, {name: picked.get(name) for name in TENSOR_NAMES}, source)
-
-
-def _read_whole_model(whole: WholeModelFiles, dim: int, max_length: Optional[int], name: str) -> DePTCheckpoint:
-    data = whole.adapter_config("dept", name)
-    source = f"{whole.config_file} ({MODEL_CONFIG_KEY}.dept.{name})"
-    config = DePTConfig.from_json(data, source)
-    _resolve_max_length(config.max_length, max_length)
-    keys = {tensor: f"dept_adapters.{name}.{tensor}" for tensor in TENSOR_NAMES}
-    return DePTCheckpoint(config, whole.load(keys, _expected_shapes(config, dim)), f"saved model {whole.path}")

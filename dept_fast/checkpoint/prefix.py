@@ -9,11 +9,13 @@ the config again in its header, the copy readers trust). PEFT ``PREFIX_TUNING`` 
 hold ``prompt_embeddings`` (p, layers * 2 * kv_heads * head_dim): the prefixes themselves (PEFT
 evaluates its MLP before saving), loaded as a merged encoder. PEFT's encoder-decoder prefixes sit on
 the decoder's self- and cross-attention, not on the encoder, so those checkpoints are refused for
-T5. A whole-model save holds ``prefix_adapters.<name>.encoders.<stack>.<parameter>`` and the
-config under ``"dept_fast" -> "prefix_tuning" -> name`` in ``config.json``.
+T5. A whole-model save (:mod:`~dept_fast.checkpoint.whole_model`) holds
+``prefix_adapters.<name>.encoders.<stack>.<parameter>`` and the config recorded under
+``"dept_fast" -> "prefix_tuning" -> name`` in ``config.json`` when the adapter was attached; each stack's form (MLP or merged prefixes) is read
+from the tensors, so a save after ``merge()`` loads too.
 """
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, Tuple, Union
 
 import torch
@@ -21,12 +23,15 @@ import torch
 from ..modules.prefix_encoder import FusedPrefixEncoder
 from ..modules.prefix_tuning import PrefixTuning
 from .config import PrefixTuningConfig, StackConfig, field
-from .files import (PEFT_CONFIG_NAME, check_header, load_tensors, read_adapter_weights, read_json, read_saved,
-                    save_checkpoint)
-from .whole_model import MODEL_CONFIG_KEY, find_whole_model
+from .files import (PEFT_CONFIG_NAME, Header, Tensors, check_header, is_saved, read_adapter_weights, read_json,
+                    read_saved, save_checkpoint)
+from .whole_model import find_whole_model
 
 CONFIG_NAME = "dept_prefix_config.json"
 WEIGHTS_NAME = "dept_prefix.safetensors"
+KIND = "prefix_tuning"
+"""Prefix-Tuning adapters' key among a model's recorded configs; their tensors sit under
+``prefix_adapters.<name>.encoders.``."""
 STACK_KEYS = ("num_layers", "num_kv_heads", "head_dim", "projection_dim", "embed_dim")
 
 PathLike = Union[str, os.PathLike]
@@ -65,29 +70,44 @@ def read_prefix_checkpoint(path: PathLike, is_encoder_decoder: bool, adapter_nam
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory (a prefix-tuning checkpoint is a directory)")
-    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        return _read_ours(path)
+    if is_saved(path, CONFIG_NAME, WEIGHTS_NAME):
+        config, tensors = read_saved(path, CONFIG_NAME, WEIGHTS_NAME, PrefixTuningConfig.from_json)
+        return _adapter_tensors(config, tensors, f"dept_fast checkpoint {path}")
     if os.path.isfile(os.path.join(path, PEFT_CONFIG_NAME)):
         return _read_peft(path, is_encoder_decoder)
     whole = find_whole_model(path)
     if whole is not None:
-        source = f"{whole.config_file} ({MODEL_CONFIG_KEY}.prefix_tuning.{adapter_name})"
-        config = PrefixTuningConfig.from_json(whole.adapter_config("prefix_tuning", adapter_name), source)
-        shapes = expected_tensors(config)
-        tensors = whole.load({name: f"prefix_adapters.{adapter_name}.encoders.{name}" for name in shapes}, shapes)
-        return PrefixCheckpoint(config, tensors, f"saved model {path}")
+        data, source = whole.adapter_config(KIND, adapter_name)
+        tensors = whole.tensors(f"prefix_adapters.{adapter_name}.encoders.")
+        config = _encoder_forms(PrefixTuningConfig.from_json(data, source), tensors.header)
+        return _adapter_tensors(config, tensors, f"saved model {path}")
     raise FileNotFoundError(f"{path} holds neither {CONFIG_NAME} (dept_fast) nor {PEFT_CONFIG_NAME} (PEFT) "
                             "nor a saved model with a Prefix-Tuning adapter")
 
 
-def _read_ours(path: str) -> PrefixCheckpoint:
-    config, weights, header = read_saved(path, CONFIG_NAME, WEIGHTS_NAME, PrefixTuningConfig.from_json)
+def _adapter_tensors(config: PrefixTuningConfig, tensors: Tensors, source: str) -> PrefixCheckpoint:
+    """The encoders' tensors (``<stack>.<parameter>``), checked against ``config`` and then loaded."""
     shapes = expected_tensors(config)
-    found = {name: shape for name, (_, shape) in header.items()}
+    found = {name: shape for name, (_, shape) in tensors.header.items()}
     if found != shapes:
-        raise ValueError(f"{weights}: tensors {found} do not match the prefixes of its config {shapes}")
-    check_header(weights, header, shapes)
-    return PrefixCheckpoint(config, load_tensors(weights, shapes), f"dept_fast checkpoint {path}")
+        raise ValueError(f"{tensors.source}: tensors {found} do not match the prefixes of its config {shapes}")
+    check_header(tensors.source, tensors.header, shapes)
+    return PrefixCheckpoint(config, tensors.load(shapes), source)
+
+
+def _encoder_forms(config: PrefixTuningConfig, header: Header) -> PrefixTuningConfig:
+    """``config`` with each stack's encoder form (MLP or prefixes) read from the tensors' names and
+    shapes: a model's recorded config is written when the adapter is attached, before any
+    :meth:`~dept_fast.modules.PrefixTuning.merge`."""
+    stacks = {}
+    for name, stack in config.stacks.items():
+        if f"{name}.prefix" in header:
+            stack = replace(stack, projection_dim=None)
+        elif len(header.get(f"{name}.proj_in.weight", ("", ()))[1]) == 2:
+            projection_dim, embed_dim = header[f"{name}.proj_in.weight"][1]
+            stack = replace(stack, projection_dim=projection_dim, embed_dim=embed_dim)
+        stacks[name] = stack  # otherwise as recorded: the shape check names what is missing
+    return replace(config, stacks=stacks)
 
 
 def _read_peft(path: str, is_encoder_decoder: bool) -> PrefixCheckpoint:
@@ -97,23 +117,23 @@ def _read_peft(path: str, is_encoder_decoder: bool) -> PrefixCheckpoint:
     if data.get("peft_type") != "PREFIX_TUNING":
         raise ValueError(f"{config_file} has peft_type {data.get('peft_type')!r}; "
                          "load_prefix_tuning reads PREFIX_TUNING")
-    if is_encoder_decoder or (data.get("num_transformer_submodules") or 1) != 1:
-        raise ValueError(f"{path} is a PEFT encoder-decoder prefix (decoder self- and cross-attention); dept_fast "
-                         "follows Li & Liang (encoder and decoder self-attention), so it cannot load it")
     prefix_len, layers, kv_heads, token_dim = (field(data, key, config_file, "int", 1) for key in (
         "num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"))
+    submodules = field(data, "num_transformer_submodules", config_file, "int", 1, default=None) or 1
+    if is_encoder_decoder or submodules != 1:
+        raise ValueError(f"{path} is a PEFT encoder-decoder prefix (decoder self- and cross-attention); dept_fast "
+                         "follows Li & Liang (encoder and decoder self-attention), so it cannot load it")
     if token_dim % kv_heads:
         raise ValueError(f"{config_file}: token_dim {token_dim} is not a multiple of num_attention_heads {kv_heads}")
     head_dim = token_dim // kv_heads
-    file, header, loaded = read_adapter_weights(path)
-    if set(header) != {"prompt_embeddings"}:
-        raise ValueError(f"{path}: expected exactly the tensor 'prompt_embeddings', found {sorted(header)}")
+    tensors = read_adapter_weights(path)
     expected = (prefix_len, layers * 2 * kv_heads * head_dim)
-    if header["prompt_embeddings"][1] != expected:
-        raise ValueError(f"{path}: prompt_embeddings has shape {header['prompt_embeddings'][1]}, the adapter config "
-                         f"implies {expected} (num_virtual_tokens, num_layers * 2 * token_dim)")
-    check_header(file, header, {"prompt_embeddings": expected})
-    prompt = (loaded if loaded is not None else load_tensors(file, ["prompt_embeddings"]))["prompt_embeddings"]
+    found = tensors.header.get("prompt_embeddings", ("", expected))[1]
+    if found != expected:
+        raise ValueError(f"{path}: prompt_embeddings has shape {found}, the adapter config implies {expected} "
+                         "(num_virtual_tokens, num_layers * 2 * token_dim)")
+    check_header(tensors.source, tensors.header, {"prompt_embeddings": expected})
+    prompt = tensors.load(["prompt_embeddings"])["prompt_embeddings"]
     prefix = prompt.view(prefix_len, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
     config = PrefixTuningConfig(prefix_len, {"decoder": StackConfig(layers, kv_heads, head_dim)})
     return PrefixCheckpoint(config, {"decoder.prefix": prefix}, f"PEFT PREFIX_TUNING checkpoint {path}")

@@ -1,80 +1,70 @@
-"""An adapter's tensors inside a whole-model save: what ``model.save_pretrained``, the HF Trainer's
-``save_model`` and its ``checkpoint-N`` folders write (``config.json`` plus ``model.safetensors``, a
-sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``)."""
+"""An adapter inside a whole-model save: what ``model.save_pretrained``, the HF Trainer's
+``save_model`` and its ``checkpoint-N`` folders write. ``config.json`` records each attached
+adapter's config under ``"dept_fast"`` (written there when the adapter is attached), and the model's
+weights (``model.safetensors``, shards listed in ``model.safetensors.index.json``, or the same as
+``pytorch_model*.bin`` from older transformers) hold the adapter's tensors under its module path
+(``dept_adapters.<name>.prompt``, ``prefix_adapters.<name>.encoders.decoder.prefix``, ...)."""
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-
-from .files import bin_header, check_header, load_bin, load_tensors, read_header, read_json
+from .config import field
+from .files import Tensors, read_json
 
 MODEL_CONFIG = "config.json"
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN = "pytorch_model.bin"
 MODEL_CONFIG_KEY = "dept_fast"
 """The key of a transformers model's config under which attached adapters record their configs."""
+WEIGHTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+"""(index of shards, single file), in the order they are looked for."""
 
 
 @dataclass
-class WholeModelFiles:
-    """A saved model directory: its config (as json) and where each tensor lives."""
+class WholeModel:
+    """A saved model directory and its ``config.json``."""
 
     path: str
     config_file: str
     config: Dict[str, Any]
 
-    def adapter_config(self, kind: str, name: str) -> Dict[str, Any]:
-        """The recorded config of adapter ``name`` of ``kind`` ("dept" or "prefix_tuning")."""
-        records = self.config.get(MODEL_CONFIG_KEY)
-        saved = records.get(kind) if isinstance(records, dict) else None
-        if not isinstance(saved, dict) or not saved:
+    def adapter_config(self, kind: str, name: str) -> Tuple[Dict[str, Any], str]:
+        """(the config recorded for adapter ``name`` of ``kind`` ("dept" or "prefix_tuning"), where it
+        was read); FileNotFoundError when the model was saved without such an adapter, ValueError when
+        a record is not a json object."""
+        recorded = field(self.config, MODEL_CONFIG_KEY, self.config_file, "dict", default=None) or {}
+        of_kind = field(recorded, kind, f"{self.config_file} ({MODEL_CONFIG_KEY})", "dict", default=None) or {}
+        if not of_kind:
             raise FileNotFoundError(f"{self.config_file} records no {kind} adapter (no {MODEL_CONFIG_KEY!r}.{kind} "
                                     "key): the model was saved without one")
-        if name not in saved:
-            raise ValueError(f"{self.config_file} records no {kind} adapter named {name!r}; it has {sorted(saved)} "
-                             "(pass adapter_name)")
-        if not isinstance(saved[name], dict):
-            raise ValueError(f"{self.config_file}: {MODEL_CONFIG_KEY}.{kind}.{name} must be a json object")
-        return saved[name]
+        source = f"{self.config_file} ({MODEL_CONFIG_KEY}.{kind}.{name})"
+        data = field(of_kind, name, source, "dict", default=None)
+        if data is None:
+            raise FileNotFoundError(f"{self.config_file} records no {kind} adapter named {name!r}; it has "
+                                    f"{sorted(of_kind)} (pass adapter_name)")
+        return data, source
 
-    def _file_of(self) -> Dict[str, str]:
-        index = os.path.join(self.path, SAFETENSORS_INDEX)
-        if os.path.isfile(index):
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index} has no 'weight_map' object")
-            return {key: os.path.join(self.path, file) for key, file in weight_map.items()}
-        single = os.path.join(self.path, SAFETENSORS)
-        if os.path.isfile(single):
-            return {key: single for key in read_header(single)[0]}
-        raise FileNotFoundError(f"{self.path} has {MODEL_CONFIG} but none of {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN}")
+    def tensors(self, prefix: str) -> Tensors:
+        """The saved tensors whose names start with ``prefix``, keyed without it (headers only so far)."""
+        return Tensors(self._files(prefix), prefix, source=f"saved model {self.path}")
 
-    def load(self, keys: Dict[str, str], shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, torch.Tensor]:
-        """Tensors ``keys[name]`` (model state-dict names) by adapter name, after checking each one's
-        dtype and shape ``shapes[name]`` in the file header."""
-        if os.path.isfile(os.path.join(self.path, BIN)) and not os.path.isfile(os.path.join(self.path, SAFETENSORS)) \
-                and not os.path.isfile(os.path.join(self.path, SAFETENSORS_INDEX)):
-            file = os.path.join(self.path, BIN)
-            tensors = load_bin(file)  # memory-mapped
-            check_header(file, bin_header(tensors), {keys[name]: shape for name, shape in shapes.items()})
-            return {name: tensors[key] for name, key in keys.items()}
-        files = self._file_of()
-        missing = [key for key in keys.values() if key not in files]
-        if missing:
-            raise ValueError(f"{self.path}: the saved model holds no tensors {missing}")
-        out = {}
-        for name, key in keys.items():
-            header = read_header(files[key])[0]
-            check_header(files[key], header, {key: shapes[name]})
-            out[name] = load_tensors(files[key], [key])[key]
-        return out
+    def _files(self, prefix: str) -> List[str]:
+        """The weight files that hold tensors named ``prefix...`` (of a sharded save, only those)."""
+        for index_name, single_name in WEIGHTS:
+            index = os.path.join(self.path, index_name)
+            if os.path.isfile(index):
+                weight_map = field(read_json(index), "weight_map", index, "dict")
+                if not all(isinstance(file, str) for file in weight_map.values()):
+                    raise ValueError(f"{index}: key 'weight_map' must map tensor names to file names")
+                files = sorted({file for key, file in weight_map.items() if key.startswith(prefix)})
+                return [os.path.join(self.path, os.path.basename(file)) for file in files]
+            if os.path.isfile(os.path.join(self.path, single_name)):
+                return [os.path.join(self.path, single_name)]
+        raise FileNotFoundError(f"{self.path} has {MODEL_CONFIG} but no model weights "
+                                f"({', '.join(name for pair in WEIGHTS for name in pair)})")
 
 
-def find_whole_model(path: str) -> Optional[WholeModelFiles]:
+def find_whole_model(path: str) -> Optional[WholeModel]:
     """The saved model in directory ``path``, or None when it has no ``config.json``."""
     config_file = os.path.join(path, MODEL_CONFIG)
     if not os.path.isfile(config_file):
         return None
-    return WholeModelFiles(path, config_file, read_json(config_file))
+    return WholeModel(path, config_file, read_json(config_file))

@@ -90,19 +90,12 @@ def _attach(model: nn.Module, name: str, spec: Union[Tuple[int, Optional[int]], 
     with prefix_route(model) as route:
         device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
         if isinstance(spec, PrefixCheckpoint):
-            _check_layouts(spec, route.layouts)
-            prefix_len, stacks = spec.config.prefix_len, {stack: (s.projection_dim, s.embed_dim)
-                                                           for stack, s in spec.config.stacks.items()}
-            dtype = next(iter(spec.tensors.values())).dtype
+            adapter = _from_checkpoint(spec, route.layouts, device)
         else:
             prefix_len, projection_dim = spec
-            stacks = {stack: (projection_dim, _hidden_size(model)) for stack in route.layouts}
-        encoders = {stack: FusedPrefixEncoder(prefix_len, *layout, projection_dim=stacks[stack][0],
-                                              embed_dim=stacks[stack][1], dtype=dtype, device=device)
-                    for stack, layout in route.layouts.items()}
-        adapter = PrefixTuning(encoders)
-        if isinstance(spec, PrefixCheckpoint):
-            adapter.encoders.load_state_dict(spec.tensors)
+            adapter = PrefixTuning({stack: FusedPrefixEncoder(prefix_len, *layout, projection_dim=projection_dim,
+                                                              embed_dim=_hidden_size(model), dtype=dtype, device=device)
+                                    for stack, layout in route.layouts.items()})
     hooks = lambda: [(stack, "pre", StackPrefixes(model, stack_name, stack, route))  # noqa: E731
                      for stack_name, stack in route.stacks.items()]
     attach(model, PREFIX, name, adapter, adapter_config(adapter).to_json(), hooks)
@@ -148,6 +141,22 @@ def pack_prefixes(per_adapter: List[List[KeyValue]]) -> Tuple[List[KeyValue], to
     key_values = [tuple(torch.cat([padded(pair[i]) for pair in slot]) for i in range(2)) for slot in zip(*per_adapter)]
     lengths = torch.tensor([layers[0][0].shape[2] for layers in per_adapter], device=key_values[0][0].device)
     return key_values, torch.arange(longest, device=lengths.device) < lengths[:, None]
+
+
+def _from_checkpoint(checkpoint: PrefixCheckpoint, layouts: Dict[str, Tuple[int, int, int]],
+                     device: torch.device) -> PrefixTuning:
+    """The checkpoint's encoders, built on the meta device (nothing allocated) and then given the
+    checkpoint's tensors as they are (their dtype kept), on ``device``."""
+    _check_layouts(checkpoint, layouts)
+    encoders = {}
+    for name, layout in layouts.items():
+        stack = checkpoint.config.stacks[name]
+        dtype = next(t.dtype for key, t in checkpoint.tensors.items() if key.startswith(f"{name}."))
+        encoders[name] = FusedPrefixEncoder(checkpoint.config.prefix_len, *layout, projection_dim=stack.projection_dim,
+                                            embed_dim=stack.embed_dim, dtype=dtype, device="meta")
+    adapter = PrefixTuning(encoders)
+    adapter.encoders.load_state_dict({key: t.to(device) for key, t in checkpoint.tensors.items()}, assign=True)
+    return adapter
 
 
 def _check_layouts(checkpoint: PrefixCheckpoint, model: Dict[str, Tuple[int, int, int]]) -> None:

@@ -41,7 +41,7 @@ class FusedPrefixEncoder(nn.Module):
         projection_dim: width of the MLP's hidden layer, or None for no MLP.
         embed_dim: width of the MLP's input embedding (the model's hidden size in the original work);
             defaults to ``num_kv_heads * head_dim``. Ignored without projection.
-        dtype, device: of the parameters.
+        dtype, device: of the parameters (dtype None: torch's default dtype); float32, float16 or bfloat16.
     """
 
     def __init__(self, prefix_len: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -59,7 +59,8 @@ class FusedPrefixEncoder(nn.Module):
         self.head_dim = head_dim
         self.projection_dim = projection_dim
         self.embed_dim = embed_dim or num_kv_heads * head_dim
-        if dtype is not None and dtype not in FLOAT_DTYPES:
+        dtype = dtype or torch.get_default_dtype()
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"prefix parameters must be float32, float16 or bfloat16, got {dtype}")
         factory = {"dtype": dtype, "device": device}
         if projection_dim is None:
