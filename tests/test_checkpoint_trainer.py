@@ -161,7 +161,7 @@ def test_a_model_saved_without_the_adapter_is_named(tmp_path):
 
 def test_a_save_missing_the_adapters_tensors_is_refused(tmp_path):
     model = trained(apply_dept(tiny_gpt2(), M, R, S))
-    model.save_pretrained(tmp_path, state_dict={k: v for k, v in model.state_dict().items() if k != "dept.lora_B"})
+    model.save_pretrained(tmp_path, state_dict={k: v for k, v in model.state_dict().items() if k != "dept_adapters.default.lora_B"})
     with pytest.raises(ValueError, match=r"saved model .*: missing tensor 'lora_B'"):
         load_dept(tiny_gpt2(), tmp_path)
 

@@ -142,10 +142,11 @@ FORMATS = {
     # A missing or null record is a model saved without that adapter: FileNotFoundError, tested elsewhere.
     "whole-dept": (make_whole_dept, "config.json", read_dept, {
         "dept_fast": ("object", True, True), "dept_fast.dept": ("object", True, True),
-        **{f"dept_fast.dept.{key}": spec for key, spec in DEPT_KEYS.items()}}),
+        "dept_fast.dept.default": ("object", True, True),
+        **{f"dept_fast.dept.default.{key}": spec for key, spec in DEPT_KEYS.items()}}),
     "whole-prefix": (make_whole_prefix, "config.json", read_prefix, {
-        "dept_fast.prefix_tuning": ("object", True, True),
-        **{f"dept_fast.prefix_tuning.{key}": spec for key, spec in PREFIX_KEYS.items()}}),
+        "dept_fast.prefix_tuning": ("object", True, True), "dept_fast.prefix_tuning.default": ("object", True, True),
+        **{f"dept_fast.prefix_tuning.default.{key}": spec for key, spec in PREFIX_KEYS.items()}}),
 }
 CASES = [(name, key) for name, spec in FORMATS.items() for key in spec[3]]
 
@@ -266,8 +267,8 @@ ABSURD = [  # (format, key, claimed value, tensor whose header shape refuses it)
     ("peft-prompt", "num_virtual_tokens", 10 ** 9, "prompt_embeddings"),
     ("peft-prefix", "num_virtual_tokens", 10 ** 8, "prompt_embeddings"),
     ("peft-prefix", "num_layers", 10 ** 6, "prompt_embeddings"),
-    ("whole-dept", "dept_fast.dept.max_length", HUGE, "lora_A"),
-    ("whole-prefix", "dept_fast.prefix_tuning.prefix_len", 10 ** 8, "embedding.weight"),
+    ("whole-dept", "dept_fast.dept.default.max_length", HUGE, "lora_A"),
+    ("whole-prefix", "dept_fast.prefix_tuning.default.prefix_len", 10 ** 8, "embedding.weight"),
 ]
 
 
@@ -314,13 +315,13 @@ def test_a_model_without_position_limit_is_protected_too(tmp_path, monkeypatch):
     ("dept", "dept_model.safetensors", "lora_B"), ("prefix", "dept_prefix.safetensors", "decoder.proj_out.bias"),
     ("authors", "adapter_model.safetensors", "prompt_encoder.lora_embedding_A"),
     ("peft-prefix", "adapter_model.safetensors", "prompt_embeddings"),
-    ("whole-dept", "model.safetensors", "dept.prompt"),
-    ("whole-prefix", "model.safetensors", "prefix_tuning.encoders.decoder.embedding.weight")])
+    ("whole-dept", "model.safetensors", "dept_adapters.default.prompt"),
+    ("whole-prefix", "model.safetensors", "prefix_adapters.default.encoders.decoder.embedding.weight")])
 def test_non_float32_16_tensors_are_refused_at_load(fmt, weights, tensor, dtype, name, originals, tmp_path):
     _, _, read, _ = FORMATS[fmt]
     shutil.copytree(originals / fmt, tmp_path, dirs_exist_ok=True)
     rewrite(tmp_path / weights, dtype, {tensor})
-    short = tensor.removeprefix("prefix_tuning.encoders.").removeprefix("dept.")
+    short = tensor.removeprefix("prefix_adapters.default.encoders.").removeprefix("dept_adapters.default.")
     with pytest.raises(ValueError, match=re.escape(f"tensor {short!r} has dtype {name}; adapter tensors must be "
                                                    "float32, float16 or bfloat16")):
         read(tmp_path)
