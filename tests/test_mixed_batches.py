@@ -258,3 +258,54 @@ def test_mixed_op_equals_each_row_alone(positions, device, poison):
     want = [weight.grad] + [t.grad if t.grad is not None else torch.zeros_like(t) for a in adapters for t in a]
     for g, w in zip(got, want):
         assert rel_err(g, w) <= TOL
+
+
+def test_the_hf_trainer_trains_every_adapter_of_a_mixed_batch(tmp_path):
+    """One optimizer step on a batch that mixes four adapters moves all of them; the names ride in
+    the batch (a collator that keeps them, remove_unused_columns=False)."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    model = mixed_model(tiny_llama, None).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    inputs = batch(tiny_llama)
+    rows = [{**{k: v[i] for k, v in inputs.items()}, "adapter_names": name} for i, name in enumerate(NAMES)]
+
+    def collate(examples):
+        names = [example.pop("adapter_names") for example in examples]
+        return {**default_data_collator(examples), "adapter_names": names}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=len(NAMES),
+                             learning_rate=0.1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             remove_unused_columns=False)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=collate).train()
+    moved = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert moved == {"dept", "pt", "small", "prefix"}
+
+
+def test_checkpoints_of_other_formats_load_as_named_adapters(tmp_path):
+    """A PEFT prompt-tuning checkpoint and a DePT-authors' one, loaded under names beside ours:
+    each row of a mixed batch gives its adapter's numbers."""
+    peft = pytest.importorskip("peft")
+    import json
+
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(tiny_gpt2(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.normal_()
+    peft_model.save_pretrained(tmp_path / "peft")
+    (tmp_path / "authors").mkdir()
+    (tmp_path / "authors" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "PROMPT_TUNING_LORA", "num_virtual_tokens": 3, "r": 2, "lora_alpha": 4, "max_length": 16}))
+    torch.save({"prompt_embeddings": torch.randn(3, 40), "prompt_encoder.lora_embedding_A": torch.randn(16, 2),
+                "prompt_encoder.lora_embedding_B": torch.randn(2, 40)}, tmp_path / "authors" / "adapter_model.bin")
+    model = mixed_model(tiny_gpt2, None)
+    load_dept(model, tmp_path / "peft", adapter_name="peft", max_length=16)
+    load_dept(model, tmp_path / "authors", adapter_name="authors")
+    inputs = {k: v for k, v in batch(tiny_gpt2).items() if k != "labels"}
+    names = ["peft", "authors", "dept", "__base__", "authors", "prefix"]
+    with torch.no_grad():
+        logits = model(**inputs, adapter_names=names).logits
+        for i, name in enumerate(names):
+            alone = model(**row_alone(inputs, i), adapter_names=[name]).logits
+            assert rel_err(real_positions(model, logits, inputs, i, name), alone[0]) <= TOL, name
