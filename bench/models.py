@@ -1,7 +1,7 @@
 """Model-level benchmark plumbing: base models built from configs, adapters, one training step.
 
 A "step" is forward + backward of the loss with the base model frozen (only the adapter trains),
-no optimizer. On CUDA the shapes are the ones issue 5 names (T5-base at b 32, s 256; a Llama-shaped
+no optimizer. On CUDA the shapes are the benchmark protocol's (T5-base at b 32, s 256; a Llama-shaped
 8-layer decoder); on CPU they are scaled down so that a smoke run stays short, and every record
 says so. Suites import :data:`MODEL_CASES` and :func:`step_runner`.
 """

@@ -156,7 +156,7 @@ def step_table(records: List[Dict], kind: str) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets of issues 5 and 8 (H100), judged from CUDA records only
+# The H100 targets, judged from CUDA records only
 def targets(records: List[Dict]) -> List[Tuple[str, str, str]]:
     """(target, verdict, evidence) for each target; verdict is met / NOT met / not measured."""
     cuda = [r for r in records if device_type(r) == "cuda"]
@@ -202,9 +202,9 @@ def targets(records: List[Dict]) -> List[Tuple[str, str, str]]:
         text = f"{model}: {slow} / {fast} = {_fmt(x, '.2f', '×')}"
         return text, None if x is None else (x >= limit if at_least else x <= limit)
 
-    judge("Shared-prompt step within 1.1× of the no-prompt step (issue 8)",
+    judge("Shared-prompt step within 1.1× of the no-prompt step",
           [step_ratio(model, "shared", "no-prompt", 1.1, False) for model in steps])
-    judge("Shared-prompt step ≥ 1.3× faster than the prompt in every row at L 256, m 100 (issue 8)",
+    judge("Shared-prompt step ≥ 1.3× faster than the prompt in every row at L 256, m 100",
           [step_ratio("L256-m100-r0", "every-row", "shared", 1.3, True)])
     return out
 
@@ -221,7 +221,7 @@ def summary_lines(records: List[Dict]) -> List[str]:
     if notes:
         lines += [""] + [f"Note: {n}" for n in notes]
     if any(device_type(r) == "cuda" for r in records):
-        lines += ["", "Targets (issues 5 and 8, H100):", ""]
+        lines += ["", "Targets (H100):", ""]
         lines += _table(["target", "verdict", "evidence"], [list(t) for t in targets(records)])
     return lines
 

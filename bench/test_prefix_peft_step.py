@@ -1,5 +1,5 @@
 """One training step of Prefix-Tuning on a Llama-shaped decoder: dept_fast's prefix attention route
-vs PEFT's ``past_key_values`` route, with and without gradient checkpointing (issue 7).
+vs PEFT's ``past_key_values`` route, with and without gradient checkpointing.
 
 Both build the prefixes with a reparameterization MLP of width mid (Embedding(p, e) -> Linear(e, mid)
 -> tanh -> Linear(mid, layers * 2 * kv_heads * head_dim)): e is the hidden size d for us (as Li &

@@ -52,7 +52,7 @@ CASES = {
     "t5-base-fp32": PrefixCase(100, 12, 12, 64, 768, 512, torch.float32),
     "t5-base-bf16": PrefixCase(100, 12, 12, 64, 768, 512, torch.bfloat16),
     "llama7b-p100": PrefixCase(100, 32, 32, 128, 4096, 512, torch.bfloat16),
-    # The Llama-shaped decoder of the model-level benchmark (bench/models.py) with issue 7's p 64.
+    # The Llama-shaped decoder of the model-level benchmark (bench/models.py) with a prefix of p 64.
     "llama-8L-d2048-p64": PrefixCase(64, 8, 4, 64, 2048, 512, torch.bfloat16),
     "tiny-launch-bound": PrefixCase(8, 2, 2, 16, 32, 32, torch.bfloat16),
 }

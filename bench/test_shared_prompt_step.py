@@ -6,7 +6,7 @@ Methods (one base model per record, frozen; forward + backward of the loss):
                 (so the backward runs through every layer, as with a prompt): the cost floor
     every-row   ``apply_dept(..., share_prompt=False)``: b x (m + L) tokens through every layer
     shared      ``apply_dept(..., share_prompt=True)``: one (1, m) prompt pass + b x L tokens
-Issue 8's targets (H100): shared within 1.1x of no-prompt, and >= 1.3x faster than every-row at
+The targets (H100): shared within 1.1x of no-prompt, and >= 1.3x faster than every-row at
 L 256, m 100. On CPU the model and shapes are scaled down (still large enough that compute, not
 Python, dominates a step) and only the ratios mean anything.
 """

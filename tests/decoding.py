@@ -1,6 +1,7 @@
 """Decoding references shared by the generate() tests of every adapter: generate() with its cache
 against a loop that reruns the whole sequence without a cache at every step, greedy or with seeded
-multinomial sampling drawn as generate() draws (top_k 0, top_p 1, temperature 1)."""
+multinomial sampling drawn as generate() draws (top_k 0, top_p 1, temperature 1); and greedy
+decoding of each decoder row alone, without its padding."""
 import torch
 
 from numerics import TOL, rel_err
@@ -42,3 +43,23 @@ def generate(model, ids, mask, sample_seed=None):
 def assert_same_decoding(got, expected):
     assert torch.equal(got[0], expected[0])
     assert rel_err(got[1], expected[1]) <= TOL[torch.float32]
+
+
+def greedy_without_cache(model, ids, mask, steps):
+    """Reference greedy decoding: the whole sequence re-run at every step (the first-pass path only).
+    Decoder-only rows are run one by one without their padding, so every step of a DePT model takes
+    the fused kernel; an encoder-decoder runs the batch."""
+    if model.config.is_encoder_decoder:
+        out = ids.new_zeros(ids.shape[0], 1)  # decoder_start_token_id
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out, use_cache=False).logits
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return out
+    rows = []
+    for row_ids, row_mask in zip(ids, mask):
+        seq = row_ids[row_mask.bool()][None]
+        for _ in range(steps):
+            logits = model(input_ids=seq, use_cache=False).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        rows.append(seq[0, -steps:])
+    return torch.stack(rows)

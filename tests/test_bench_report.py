@@ -46,12 +46,12 @@ def test_targets_met_not_met_and_not_measured(report):
     assert got["DePT forward within 10% of the memory floor on the large shapes"] == "NOT met"
     assert got["DePT forward ≥ 2× faster than torch.compile on the T5-base shape"] == "met"
     assert got["DePT forward+backward ≥ 2× faster than torch.compile on the Llama b64 s512 shape"] == "not measured"
-    assert got["Shared-prompt step within 1.1× of the no-prompt step (issue 8)"] == "met"
-    assert got["Shared-prompt step ≥ 1.3× faster than the prompt in every row at L 256, m 100 (issue 8)"] == "met"
+    assert got["Shared-prompt step within 1.1× of the no-prompt step"] == "met"
+    assert got["Shared-prompt step ≥ 1.3× faster than the prompt in every row at L 256, m 100"] == "met"
     records[-1] = step("L256-m100-r0", "shared", 11.5, "every-row")  # 1.15x of no-prompt, 1.22x faster than every-row
     got = verdicts(report, records)
-    assert got["Shared-prompt step within 1.1× of the no-prompt step (issue 8)"] == "NOT met"
-    assert got["Shared-prompt step ≥ 1.3× faster than the prompt in every row at L 256, m 100 (issue 8)"] == "NOT met"
+    assert got["Shared-prompt step within 1.1× of the no-prompt step"] == "NOT met"
+    assert got["Shared-prompt step ≥ 1.3× faster than the prompt in every row at L 256, m 100"] == "NOT met"
 
 
 def test_cpu_records_judge_nothing(report):

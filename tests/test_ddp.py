@@ -18,13 +18,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dept_fast import apply_dept
 from numerics import rel_err
-from tiny_models import VOCAB, tiny_gpt2
+from families import build
+from tiny_models import VOCAB
 
 WORLD = 2
 
 
 def dept_gpt2(share):
-    model = apply_dept(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), 3, 4, 16, share_prompt=share).train()
+    model = apply_dept(build("gpt2", dropout=False), 3, 4, 16, share_prompt=share).train()
     with torch.no_grad():
         model.dept.lora_B.copy_(torch.linspace(-1, 1, model.dept.lora_B.numel()).view_as(model.dept.lora_B))
     return model

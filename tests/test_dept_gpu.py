@@ -7,8 +7,8 @@ from torch import nn
 
 from dept_fast import FusedDePTEmbedding, dept_embedding
 from dept_fast.kernels import dept_backward, dept_forward
+from dept_inputs import make_inputs, reference_fp32
 from numerics import TOL, rel_err
-from test_dept_parity import make_inputs, reference_fp32
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

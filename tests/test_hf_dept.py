@@ -1,4 +1,4 @@
-"""apply_dept on tiny GPT-2, GQA Llama and T5: parity with the eager composition, padding and
+"""apply_dept on the model families (tests/families.py): parity with the eager composition, padding and
 position conventions, generate(), and clear errors. Decoder-only tests run both routes of the
 prompt: shared (the default, ``share_prompt=None``; logits cover the inputs only) and in every row
 (``share_prompt=False``). tests/test_shared_prompt.py compares the two routes directly.
@@ -12,40 +12,14 @@ import pytest
 import torch
 
 import dept_fast.modules.dept_embedding as dept_embedding_module
-from decoding import assert_same_decoding, generate, reference_decode
+from decoding import assert_same_decoding, generate, greedy_without_cache, reference_decode
 from dept_fast import FusedDePTEmbedding, apply_dept, dept_embedding_reference
+from dept_models import FAMILY_ROUTES, M, R, ROUTES, S, dept_model, padded_batch
+from families import DECODERS, build
 from numerics import rel_err
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
+from tiny_models import VOCAB, tiny_gpt2
 
-M, R, S = 3, 4, 16
 TOL = 1e-5
-DECODERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-FAMILIES = {**DECODERS, "t5": tiny_t5}
-# share_prompt values: None shares the prompt in causal decoders (T5: in every row), False never does.
-ROUTES = pytest.mark.parametrize("share", [None, False], ids=["shared", "every-row"])
-FAMILY_ROUTES = pytest.mark.parametrize("family, share", [(family, share) for family in FAMILIES for share in (None, False)
-                                                         if family in DECODERS or share is None])
-
-
-def dept_model(build, rank=R, share=None):
-    """A DePT model whose update is non-zero (B is zero at initialisation)."""
-    model = apply_dept(build(), M, rank, S, share_prompt=share)
-    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens in every row
-    if rank:
-        with torch.no_grad():
-            model.dept.lora_B.normal_()
-    return model
-
-
-def padded_batch(lengths, width, side):
-    """Random ids (pad id 0 outside each row's real tokens) and the matching mask."""
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        cols = slice(width - n, width) if side == "left" else slice(0, n)
-        ids[row, cols] = torch.randint(3, VOCAB, (n,))
-        mask[row, cols] = 1
-    return ids, mask
 
 
 def grads(adapter):
@@ -75,9 +49,8 @@ def test_forward_loss_and_grads_match_eager_composition(family, share, monkeypat
     """Right-padded batch: the fused kernel, m ones in the mask, m x -100 labels for decoder-only."""
     calls = []
     monkeypatch.setattr(dept_embedding_module, "dept_embedding_at_positions", lambda *a, **k: calls.append(a))
-    build = FAMILIES[family]
     torch.manual_seed(1)
-    model, base = dept_model(build, share=share), build()
+    model, base = dept_model(family, share=share), build(family)
     ids, mask = padded_batch([7, 5], 7, "right")
     seq2seq = model.config.is_encoder_decoder
     labels = torch.randint(3, VOCAB, (2, 4)) if seq2seq else ids.masked_fill(mask == 0, -100)
@@ -107,7 +80,7 @@ def test_forward_loss_and_grads_match_eager_composition(family, share, monkeypat
 @pytest.mark.parametrize("family", DECODERS)
 def test_left_padded_rows_match_rows_alone(family, share):
     """Position convention: each token's A row and model position count its row's real tokens."""
-    model = dept_model(DECODERS[family], share=share)
+    model = dept_model(family, share=share)
     lengths = [6, 3]
     ids, mask = padded_batch(lengths, 6, "left")
     batch = model(input_ids=ids, attention_mask=mask).logits
@@ -122,8 +95,7 @@ def test_left_padded_rows_match_rows_alone(family, share):
 @pytest.mark.parametrize("family", DECODERS)
 def test_column_positions_on_request(family, share):
     """position_ids=arange(L) gives every token its column (PEFT's and the DePT authors' convention)."""
-    build = DECODERS[family]
-    model, base = dept_model(build, share=share), build()
+    model, base = dept_model(family, share=share), build(family)
     ids, mask = padded_batch([6, 3], 6, "left")
     got = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(6)[None]).logits
     d = model.dept
@@ -135,30 +107,11 @@ def test_column_positions_on_request(family, share):
     assert rel_err(got[real], ref[real]) <= TOL
 
 
-def greedy_without_cache(model, ids, mask, steps):
-    """Reference decoding: the whole sequence re-run at every step (first-pass path only). Decoder-only
-    rows are run one by one without their padding, so every step takes the fused kernel."""
-    if model.config.is_encoder_decoder:
-        out = ids.new_zeros(ids.shape[0], 1)  # decoder_start_token_id
-        for _ in range(steps):
-            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out, use_cache=False).logits
-            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], 1)
-        return out
-    rows = []
-    for row_ids, row_mask in zip(ids, mask):
-        seq = row_ids[row_mask.bool()][None]
-        for _ in range(steps):
-            logits = model(input_ids=seq, use_cache=False).logits
-            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-        rows.append(seq[0, -steps:])
-    return torch.stack(rows)
-
-
 @FAMILY_ROUTES
 def test_greedy_generate_matches_full_recompute(family, share):
     """Cached decoding (update row = position, prompt only in the first pass or shared) on a batch
     of 2, left padded for decoder-only models, gives the tokens of re-running each whole sequence."""
-    model = dept_model(FAMILIES[family], share=share)
+    model = dept_model(family, share=share)
     seq2seq = model.config.is_encoder_decoder
     ids, mask = padded_batch([5, 3], 5, "right" if seq2seq else "left")
     with torch.no_grad():
@@ -173,7 +126,7 @@ def test_greedy_generate_matches_full_recompute(family, share):
 def test_seeded_sampling_matches_uncached_sampling(family, share):
     """Sampling draws from the distributions of full uncached forwards: with one seed, the same
     tokens and per-step logits (a wrong cached step would change the probabilities, so the draws)."""
-    model = dept_model(FAMILIES[family], share=share)
+    model = dept_model(family, share=share)
     ids, mask = padded_batch([5, 3], 5, "right" if model.config.is_encoder_decoder else "left")
     with torch.no_grad():
         decoded = generate(model, ids, mask, sample_seed=7)
@@ -183,7 +136,7 @@ def test_seeded_sampling_matches_uncached_sampling(family, share):
 
 @ROUTES
 def test_vanilla_prompt_tuning_through_the_same_api(share):
-    model = dept_model(tiny_llama, rank=0, share=share)
+    model = dept_model("llama-gqa", rank=0, share=share)
     ids, mask = padded_batch([5, 5], 5, "right")
     embeds_seen = []
     model.model.register_forward_pre_hook(lambda mod, args, kw: embeds_seen.append(kw["inputs_embeds"]),
@@ -199,7 +152,7 @@ def test_vanilla_prompt_tuning_through_the_same_api(share):
 
 
 def test_errors_name_the_problem():
-    model = dept_model(tiny_gpt2)
+    model = dept_model("gpt2")
     ids = torch.randint(3, VOCAB, (2, 5))
     with pytest.raises(ValueError, match="inputs_embeds"):
         model(inputs_embeds=torch.randn(2, 5, 40))
@@ -225,7 +178,7 @@ def test_errors_name_the_problem():
 def test_gradient_checkpointing_gives_the_same_step(share):
     results = []
     for checkpointing in (False, True):
-        model = dept_model(tiny_llama, share=share).train()
+        model = dept_model("llama-gqa", share=share).train()
         if checkpointing:
             model.gradient_checkpointing_enable()
         ids, mask = padded_batch([6, 4], 6, "left")

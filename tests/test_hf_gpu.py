@@ -6,9 +6,11 @@ outputs are held to 2e-3 relative; bf16 models to 2e-2 (a few bf16 ulps through 
 import pytest
 import torch
 
+from decoding import greedy_without_cache
 from dept_fast import dept_embedding_reference
+from dept_models import FAMILY_ROUTES, M, dept_model, padded_batch
+from families import build
 from numerics import rel_err
-from test_hf_dept import FAMILIES, FAMILY_ROUTES, M, dept_model, greedy_without_cache, padded_batch
 from tiny_models import VOCAB
 
 pytestmark = pytest.mark.gpu
@@ -17,8 +19,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
 @FAMILY_ROUTES
 def test_cuda_forward_matches_eager_composition(family, share, dtype, tol):
-    build = FAMILIES[family]
-    model, base = dept_model(build, share=share).to("cuda", dtype), build().to("cuda", dtype)
+    model, base = dept_model(family, share=share).to("cuda", dtype), build(family).to("cuda", dtype)
     ids, mask = (t.cuda() for t in padded_batch([7, 7], 7, "right"))
     extra = {"decoder_input_ids": ids[:, :3]} if model.config.is_encoder_decoder else {}
     got = model(input_ids=ids, attention_mask=mask, **extra).logits
@@ -33,7 +34,7 @@ def test_cuda_forward_matches_eager_composition(family, share, dtype, tol):
 
 @FAMILY_ROUTES
 def test_cuda_generate_matches_full_recompute(family, share):
-    model = dept_model(FAMILIES[family], share=share).cuda()
+    model = dept_model(family, share=share).cuda()
     side = "right" if model.config.is_encoder_decoder else "left"
     ids, mask = (t.cuda() for t in padded_batch([5, 3], 5, side))
     with torch.no_grad():

@@ -8,19 +8,18 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dept_fast import apply_prefix_tuning
+from families import FAMILIES, build
 from numerics import TOL, rel_err
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
-
-BUILDERS = {"gpt2": tiny_gpt2, "llama-gqa": tiny_llama, "t5": tiny_t5}
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 
-def twin_models(build):
+def twin_models(name):
     """Two copies of the same model with the same prefix MLP (the fused kernel runs in both), in
     training mode: GPT-2's and T5's dropout is on, so equality also shows that the recomputation
     replays the same random masks."""
     torch.manual_seed(0)
-    first = apply_prefix_tuning(build(), 4, projection_dim=16).train()
-    second = apply_prefix_tuning(build(), 4, projection_dim=16).train()
+    first = apply_prefix_tuning(build(name), 4, projection_dim=16).train()
+    second = apply_prefix_tuning(build(name), 4, projection_dim=16).train()
     second.prefix_tuning.load_state_dict(first.prefix_tuning.state_dict())
     return first, second
 
@@ -42,9 +41,9 @@ def loss_and_grads(model):
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant-switched"])
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_same_loss_and_gradients_with_checkpointing(name, use_reentrant):
-    plain, checkpointed = twin_models(BUILDERS[name])
+    plain, checkpointed = twin_models(name)
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     expected_loss, expected = loss_and_grads(plain)
     with warnings.catch_warnings(record=True) as caught:
@@ -81,7 +80,7 @@ def test_trainer_with_gradient_checkpointing_takes_the_same_step(tmp_path):
     stepped = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = apply_prefix_tuning(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), 4, projection_dim=16)
+        model = apply_prefix_tuning(build("gpt2", dropout=False), 4, projection_dim=16)
         args = TrainingArguments(output_dir=str(tmp_path / str(checkpointing)), max_steps=1,
                                  per_device_train_batch_size=3, learning_rate=1.0, optim="sgd",
                                  lr_scheduler_type="constant", report_to=[], gradient_checkpointing=checkpointing,

@@ -7,14 +7,13 @@ import torch
 
 from decoding import assert_same_decoding, generate, reference_decode
 from dept_fast import apply_prefix_tuning
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
-
-BUILDERS = {"gpt2": tiny_gpt2, "llama-gqa": tiny_llama, "t5": tiny_t5}
+from families import FAMILIES, build
+from tiny_models import VOCAB
 
 
 def adapted(name):
     torch.manual_seed(3)
-    return apply_prefix_tuning(BUILDERS[name](), 4, projection_dim=None)
+    return apply_prefix_tuning(build(name), 4, projection_dim=None)
 
 
 def left_padded_batch():
@@ -25,7 +24,7 @@ def left_padded_batch():
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_batch_with_left_padding(name):
     model = adapted(name).eval()
     ids, mask = left_padded_batch()
@@ -36,7 +35,7 @@ def test_greedy_batch_with_left_padding(name):
     assert_same_decoding((decoded[0][:1], decoded[1][:1]), (tokens, logits))
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_seeded_sampling_batch_with_left_padding(name):
     """Sampling draws from the same distributions as the uncached reference: with one seed, the
     same tokens (a wrong cached path would change the probabilities and so the draws)."""

@@ -9,12 +9,12 @@ from dept_fast import FusedPrefixEncoder, apply_prefix_tuning
 from dept_fast.kernels.prefix_kv import plan_prefix_kv_backward
 from dept_fast.ops import prefix_kv_projection
 from numerics import TOL, rel_err
-from test_prefix_kv_parity import make_inputs, reference_fp32
+from prefix_kv_inputs import make_inputs, reference_fp32
 from tiny_models import tiny_llama
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
-# The benchmark shape (8 layers, 4 of 64-wide key/value heads, p 64, MLP 512) and odd small ones.
+# The benchmark's prefix shape (8 layers, 4 of 64-wide key/value heads, p 64, MLP 512) and odd small ones.
 SHAPES = {"llama-8L,p64,mid512": (8, 4, 64, 64, 512), "p1,mid9": (1, 1, 7, 1, 9), "p100,mid200": (3, 5, 24, 100, 200)}
 
 

@@ -13,8 +13,8 @@ import torch
 
 from dept_fast.kernels import PrefixKVBlocks, prefix_kv_backward, prefix_kv_forward
 from dept_fast.ops import prefix_kv_projection
-from dept_fast.ops import prefix_kv_reference
 from numerics import TOL, rel_err
+from prefix_kv_inputs import make_inputs, reference_fp32
 
 # (num_layers, num_kv_heads, head_dim, prefix_len p, mid): N = layers * 2 * kv_heads * head_dim.
 SHAPES = {
@@ -23,24 +23,6 @@ SHAPES = {
     "gqa-like,p17,mid40": (2, 3, 12, 17, 40),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def make_inputs(shape, dtype, device, seed=0):
-    layers, kv_heads, head_dim, p, mid = shape
-    gen = torch.Generator().manual_seed(seed)
-    n_out = layers * 2 * kv_heads * head_dim
-    # H spans tanh's linear and saturated ranges; W and b at nn.Linear-like scale.
-    hidden = 2 * torch.randn(p, mid, generator=gen)
-    weight = torch.randn(n_out, mid, generator=gen) / mid ** 0.5
-    bias = 0.1 * torch.randn(n_out, generator=gen)
-    return [t.to(device, dtype) for t in (hidden, weight, bias)]
-
-
-def reference_fp32(hidden, weight, bias, shape, grad_out):
-    leaves = [t.detach().float().requires_grad_() for t in (hidden, weight, bias)]
-    out = prefix_kv_reference(*leaves, *shape[:3])
-    out.backward(grad_out.float())
-    return out.detach(), [t.grad for t in leaves]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

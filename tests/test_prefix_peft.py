@@ -1,4 +1,4 @@
-"""Ours vs PEFT's PrefixTuning (the pre-filled cache route) on tiny GPT-2 and GQA Llama.
+"""Ours vs PEFT's PrefixTuning (the pre-filled cache route) on the causal decoders of the family matrix.
 
 Given the same prefix weights (moved over through a PEFT checkpoint, which is also the loading
 test), logits, loss and the prefix gradient agree to fp32 rounding on unpadded rows; left-padded
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from dept_fast import load_prefix_tuning
+from families import DECODERS
 from numerics import TOL, rel_err
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")  # a test extra; machines without it skip this module
 P = 5
-BUILDERS = {"gpt2": tiny_gpt2, "llama-gqa": tiny_llama}
 
 
 def make_peft(build, projection=False):
@@ -40,9 +40,9 @@ def batch(rows=3, length=7, seed=0):
     return ids, torch.ones_like(ids)
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", DECODERS)
 def test_logits_loss_and_gradient_match_peft(name, tmp_path):
-    build = BUILDERS[name]
+    build = DECODERS[name]
     peft_model = make_peft(build)
     ours = ours_from(peft_model, build, tmp_path)
     ids, mask = batch()
@@ -56,12 +56,12 @@ def test_logits_loss_and_gradient_match_peft(name, tmp_path):
     assert rel_err(encoder.prefix.grad, peft_prefix_grad(peft_model, encoder)) <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", DECODERS)
 def test_left_padding_position_convention(name, tmp_path):
     """Our default: a left-padded row's real tokens sit at positions p, p + 1, ... (as in
     generate()), so the row gives the same logits as alone. PEFT's forward counts the pad slots
     (p + column); passing position_ids=arange(L) reproduces that exactly."""
-    build = BUILDERS[name]
+    build = DECODERS[name]
     peft_model = make_peft(build)
     ours = ours_from(peft_model, build, tmp_path)
     ids, mask = batch()
@@ -89,9 +89,9 @@ def peft_greedy(peft_model, ids, mask, steps):
     return ids
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", DECODERS)
 def test_greedy_generate_matches_peft(name, tmp_path):
-    build = BUILDERS[name]
+    build = DECODERS[name]
     peft_model = make_peft(build)
     ours = ours_from(peft_model, build, tmp_path)
     ids, mask = batch(rows=2, length=6, seed=1)
@@ -117,10 +117,10 @@ def test_refuses_a_bin_that_is_more_than_tensors(tmp_path):
         load_prefix_tuning(tiny_gpt2(), tmp_path)
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", DECODERS)
 def test_reads_peft_checkpoint_saved_with_projection(name, tmp_path):
     """PEFT evaluates its MLP when saving: the checkpoint holds the prefixes, loaded merged."""
-    build = BUILDERS[name]
+    build = DECODERS[name]
     peft_model = make_peft(build, projection=True)
     ours = ours_from(peft_model, build, tmp_path)
     assert ours.prefix_tuning.encoders["decoder"].merged

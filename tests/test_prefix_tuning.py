@@ -1,4 +1,4 @@
-"""apply_prefix_tuning / load_prefix_tuning on GPT-2, GQA Llama and T5: what is trained, where the
+"""apply_prefix_tuning / load_prefix_tuning on the model families (tests/families.py): what is trained, where the
 prefixes act, merge(), our checkpoint format, both wrapped attention implementations, and the
 errors for models, checkpoints and arguments that cannot work."""
 import json
@@ -12,13 +12,9 @@ from dept_fast import FusedPrefixEncoder, apply_prefix_tuning, load_prefix_tunin
 from dept_fast.hf import route
 from dept_fast.hf.attention import PREFIX_SLOT_ATTR
 from dept_fast.ops import prefix_kv_reference
+from families import FAMILIES, LAYOUTS, build
 from numerics import TOL, rel_err
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
-
-BUILDERS = {"gpt2": tiny_gpt2, "llama-gqa": tiny_llama, "t5": tiny_t5}
-# Per stack: (layers, kv_heads, head_dim) of the tiny models (Llama: 2 key/value heads of 12).
-LAYOUTS = {"gpt2": {"decoder": (2, 4, 10)}, "llama-gqa": {"decoder": (2, 2, 12)},
-           "t5": {"encoder": (2, 4, 10), "decoder": (2, 4, 10)}}
 
 
 def inputs(model, rows=2):
@@ -33,10 +29,10 @@ def inputs(model, rows=2):
 
 def adapted(name, projection_dim=16, **overrides):
     torch.manual_seed(5)
-    return apply_prefix_tuning(BUILDERS[name](**overrides), 3, projection_dim=projection_dim)
+    return apply_prefix_tuning(build(name, **overrides), 3, projection_dim=projection_dim)
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_only_the_prefixes_train_and_every_layer_gets_a_gradient(name):
     model = adapted(name)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -51,7 +47,7 @@ def test_only_the_prefixes_train_and_every_layer_gets_a_gradient(name):
         assert torch.all(per_layer > 0), (stack, per_layer)
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_prefixes_change_the_output(name):
     model = adapted(name, projection_dim=None)
     batch = inputs(model)
@@ -64,7 +60,7 @@ def test_prefixes_change_the_output(name):
         before = after
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_eager_and_sdpa_wrapping_agree(name):
     sdpa, eager = adapted(name), adapted(name, attn_implementation="eager")
     assert (route.route_of(sdpa).inner, route.route_of(eager).inner) == ("sdpa", "eager")
@@ -103,7 +99,7 @@ def test_save_and_load_round_trip(name, projection_dim, tmp_path):
     stacks = json.loads((tmp_path / "dept_prefix_config.json").read_text())["stacks"]
     assert {k: (v["num_layers"], v["num_kv_heads"], v["head_dim"]) for k, v in stacks.items()} == LAYOUTS[name]
     assert all(v["projection_dim"] == projection_dim for v in stacks.values())
-    loaded = load_prefix_tuning(BUILDERS[name](), tmp_path)
+    loaded = load_prefix_tuning(build(name), tmp_path)
     for key, value in model.prefix_tuning.state_dict().items():
         assert torch.equal(loaded.prefix_tuning.state_dict()[key], value), key
     batch = inputs(model)

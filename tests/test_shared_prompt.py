@@ -1,5 +1,5 @@
 """The shared prompt (apply_dept's default on causal decoders) against the prompt in every row, on
-tiny GPT-2 and GQA Llama: logits, loss and every gradient, with and without gradient
+every causal decoder of the family matrix (tests/families.py): logits, loss and every gradient, with and without gradient
 checkpointing; what the layers are fed; when the prompt pass runs (never stale); generate(); the
 refusals.
 
@@ -16,23 +16,18 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dept_fast import apply_dept, apply_prefix_tuning, serving
+from dept_models import M, R, S
+from families import DECODERS, build
 from numerics import rel_err
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
+from tiny_models import VOCAB, tiny_gpt2, tiny_t5
 
-M, R, S = 3, 4, 16
 TOL = 2e-6
-NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "llama": {}}
-DECODERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-
-
-def build(family):
-    return DECODERS[family](**NO_DROPOUT[family])
 
 
 def twins(family, rank=R):
-    """(shared, every-row): the same base model and the same adapter, B non-zero."""
-    shared = apply_dept(build(family), M, rank, S)
-    every_row = apply_dept(build(family), M, rank, S, share_prompt=False)
+    """(shared, every-row): the same base model (dropout off) and the same adapter, B non-zero."""
+    shared = apply_dept(build(family, dropout=False), M, rank, S)
+    every_row = apply_dept(build(family, dropout=False), M, rank, S, share_prompt=False)
     assert shared.dept.share_prompt and not every_row.dept.share_prompt
     with torch.no_grad():
         shared.dept.lora_B.normal_()
@@ -99,7 +94,7 @@ def test_same_step_under_gradient_checkpointing(family, use_reentrant):
 def test_unknown_reentrant_checkpoint_is_refused():
     """A reentrant wrapper transformers did not build would run the prompt pass without recording
     gradients: the capture refuses rather than train the prompt on a zero gradient."""
-    shared, _ = twins("llama")
+    shared, _ = twins("llama-gqa")
     shared.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in shared.modules():
         if getattr(module, "gradient_checkpointing", False):
@@ -110,7 +105,7 @@ def test_unknown_reentrant_checkpoint_is_refused():
 
 def test_first_input_token_is_predicted_by_the_prompt():
     """Labels on the first input column only: the whole loss is the prompt's last logit's term."""
-    shared, every_row = twins("llama")
+    shared, every_row = twins("llama-gqa")
     inputs = batch()
     inputs["labels"] = torch.full_like(inputs["input_ids"], -100)
     inputs["labels"][:, 0] = inputs["input_ids"][:, 0]
@@ -156,7 +151,7 @@ def test_layers_see_one_prompt_pass_and_the_inputs(family):
 def test_prompt_pass_is_never_stale():
     """Without gradients every call runs its own prompt pass (one per generate() call, shared by its
     steps), so any change to any weight, by any means, shows in the next call."""
-    shared, every_row = twins("llama")
+    shared, every_row = twins("llama-gqa")
     shapes = first_layer_inputs(shared)
     inputs = {k: v for k, v in batch().items() if k != "labels"}
     real = inputs["attention_mask"].bool()

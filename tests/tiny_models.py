@@ -1,9 +1,12 @@
 """Tiny randomly initialised HuggingFace models built from configs (no hub downloads).
 
-One builder per architecture family the library supports; tests across issues share them.
+One builder per architecture family the library supports; tests/families.py names them as the
+one matrix the model-level tests share. Every builder takes ``seed`` and config overrides (e.g.
+``attn_implementation="eager"`` or dropout rates) and returns the model in eval mode.
 """
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          T5Config, T5ForConditionalGeneration)
 
 VOCAB = 97  # prime, so no accidental power-of-two alignment
 
@@ -23,6 +26,16 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    """2-layer Qwen2 with multi-query attention (4 query heads, 1 key/value head of 8), d 32: biased
+    q/k/v projections, rotary positions, untied output embeddings, a per-layer-type mask mapping."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
+    return Qwen2ForCausalLM(config).eval()
 
 
 def tiny_t5(seed: int = 0, **overrides) -> T5ForConditionalGeneration:
