@@ -29,10 +29,11 @@ def reference_decode(model, ids, mask, sample_seed=None):
     return seq[:, -STEPS:], torch.stack(steps, 1)
 
 
-def generate(model, ids, mask, sample_seed=None):
-    """(new tokens (b, STEPS), their logits (b, STEPS, V)) from generate() with the cache."""
+def generate(model, ids, mask, sample_seed=None, **generate_kwargs):
+    """(new tokens (b, STEPS), their logits (b, STEPS, V)) from generate() with the cache (``generate_kwargs``
+    choose it, e.g. ``cache_implementation="static"``)."""
     kwargs = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, eos_token_id=None, do_sample=sample_seed is not None,
-                  output_logits=True, return_dict_in_generate=True)
+                  output_logits=True, return_dict_in_generate=True, **generate_kwargs)
     if sample_seed is not None:
         torch.manual_seed(sample_seed)
         kwargs.update(top_k=0, top_p=1.0, temperature=1.0)

@@ -16,10 +16,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dept_fast import apply_dept, apply_prefix_tuning, serving
+from dept_fast.hf import dept as hf_dept
 from dept_models import M, R, S
 from families import DECODERS, build
 from numerics import rel_err
-from tiny_models import VOCAB, tiny_gpt2, tiny_t5
+from tiny_models import VOCAB, tiny_gpt2, tiny_qwen2, tiny_t5
 
 TOL = 2e-6
 
@@ -229,6 +230,41 @@ def test_where_sharing_is_off_or_refused(monkeypatch):
     no_prompt = apply_dept(tiny_gpt2(), 0, R, S, share_prompt=True)
     assert not no_prompt.dept.share_prompt  # nothing to share
     assert no_prompt(input_ids=torch.randint(3, VOCAB, (2, 5))).logits.shape == (2, 5, VOCAB)
+
+
+def test_sliding_window_must_cover_the_prompt(monkeypatch):
+    """A sliding-window layer hides from each token the positions a window or more before it, so with
+    the prompt in every row the last of m + max_length positions sees the prompt only if the window
+    is at least m + max_length. Narrower: share_prompt=None puts the prompt in every row (the
+    model left on its attention), True is refused; shared anyway, the numbers would differ."""
+    def sliding(window):
+        return tiny_qwen2(use_sliding_window=True, sliding_window=window, max_window_layers=0)
+
+    inputs = {k: v for k, v in batch(length=S).items() if k != "labels"}  # the longest inputs
+    fits = apply_dept(sliding(M + S), M, R, S)
+    every_row = apply_dept(sliding(M + S), M, R, S, share_prompt=False)
+    assert fits.dept.share_prompt
+    with torch.no_grad():
+        fits.dept.lora_B.normal_()
+    every_row.dept.load_state_dict(fits.dept.state_dict())
+    real = inputs["attention_mask"].bool()
+    assert rel_err(fits(**inputs).logits[real], every_row(**inputs).logits[:, M:][real]) <= TOL
+    with pytest.raises(ValueError, match=r"share their prompts .*cannot be exact for this adapter: .*"
+                                         r"max_length = 20 exceeds the window"):
+        apply_dept(fits, M + 1, R, S, adapter_name="longer")  # the model's route is the first adapter's
+    assert "longer" not in fits.dept_adapters
+
+    narrow = apply_dept(sliding(M + S - 1), M, R, S)
+    assert not narrow.dept.share_prompt and narrow.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match=r"share_prompt=True cannot be exact on this model: Qwen2ForCausalLM has "
+                                         r"sliding-window attention layers \(window 18\)"):
+        apply_dept(sliding(M + S - 1), M, R, S, share_prompt=True)
+    monkeypatch.setattr(hf_dept, "check_attention_window", lambda model, span: None)
+    forced = apply_dept(sliding(M + S - 1), M, R, S, share_prompt=True)
+    with torch.no_grad():
+        narrow.dept.load_state_dict(fits.dept.state_dict())
+        forced.dept.load_state_dict(fits.dept.state_dict())
+        assert rel_err(forced(**inputs).logits[real], narrow(**inputs).logits[:, M:][real]) > 1e-4
 
 
 def test_attention_that_cannot_be_wrapped():

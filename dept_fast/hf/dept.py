@@ -41,7 +41,7 @@ from .adapters import DEPT, call_names, PREFIX, RowAdapters, adapters_of, check_
 from .attach import attach, forward_arguments
 from .positions import cached_length, generation_cache, positions_are_columns, token_positions
 from .route import prefix_route, route_of
-from .shared_prompt import SharedPrompts
+from .shared_prompt import SharedPrompts, check_attention_window
 
 DEFAULT_NAME = "default"
 
@@ -65,7 +65,8 @@ def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: 
             (:mod:`dept_fast.hf.shared_prompt`; exact in causal decoders). None: on for causal
             decoders whose attention goes through transformers' ``AttentionInterface`` (GPT-2,
             Llama, ...; the model is switched to the ``"dept_prefix"`` attention), off otherwise
-            (encoder-decoders such as T5, whose encoder is bidirectional). True: on, or a
+            (encoder-decoders such as T5, whose encoder is bidirectional; sliding-window layers
+            narrower than m + max_length, which would hide the prompt from later tokens). True: on, or a
             ValueError/TypeError saying why it cannot be exact on this model. False: the prompt in
             every row. ``model.dept.share_prompt`` tells which route was taken. With sharing, the
             logits cover the L input positions only (not m + L). All DePT adapters of a model take
@@ -193,6 +194,12 @@ def _share_prompt(model: nn.Module, name: str, adapter: FusedDePTEmbedding, shar
         if shared and name in adapters_of(model, PREFIX):
             raise ValueError(f"{type(model).__name__} has Prefix-Tuning prefixes named {name!r}, which take the same "
                              "attention argument as a shared prompt: attach this DePT adapter under another name")
+        if shared:
+            try:
+                check_attention_window(model, adapter.num_prompt_tokens + adapter.max_length)
+            except ValueError as error:
+                raise ValueError(f"the DePT adapters of this model share their prompts (all take one route), "
+                                 f"which cannot be exact for this adapter: {error}") from error
         return shared
     if share_prompt is False or adapter.num_prompt_tokens == 0:  # no prompt: nothing to share
         return False
@@ -203,6 +210,7 @@ def _share_prompt(model: nn.Module, name: str, adapter: FusedDePTEmbedding, shar
         return False
     try:
         with prefix_route(model):
+            check_attention_window(model, adapter.num_prompt_tokens + adapter.max_length)
             return True
     except (TypeError, ValueError) as error:
         if share_prompt:
@@ -286,6 +294,7 @@ class _Inputs:
     def arguments(self, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """The call's arguments by name, after refusing what a DePT model cannot take."""
         kwargs = forward_arguments(self.signature, args, kwargs)
+        self.check_cache(generation_cache(kwargs))
         if kwargs.get("token_type_ids") is not None:
             raise ValueError("token_type_ids are not supported by a DePT model")
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
@@ -297,12 +306,10 @@ class _Inputs:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"a DePT model takes a 2-D attention_mask (batch, length), got {shape}; 4-D masks "
                              "and per-layer mask dicts (from static or compiled caches) are not supported")
-        cache = generation_cache(kwargs)
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise ValueError(f"a DePT model needs a dynamic generation cache (generate()'s default); got a "
-                             f"{type(cache).__name__}, whose fixed-size layers (static / compiled caches) cannot "
-                             "hold the prompt's positions")
         return kwargs
+
+    def check_cache(self, cache: Any) -> None:
+        """Refuse a generation cache the model's inputs cannot go through (encoder inputs take any)."""
 
     @staticmethod
     def rows(model: nn.Module, kwargs: Dict[str, Any]) -> RowAdapters:
@@ -363,6 +370,16 @@ class DecoderInputs(_Inputs):
     def add_prompt_loss(self, model: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any) -> Any:
         """Forward hook: the shared prompts' loss term (see :meth:`SharedPrompts.add_prompt_loss`)."""
         return None if self.shared is None else self.shared.add_prompt_loss(model, args, kwargs, output)
+
+    def check_cache(self, cache: Any) -> None:
+        """A decoder's cache holds the prompt's positions (or sits behind the shared prompt's prefix
+        attention, which needs the 2-D mask): fixed-size caches, which come with a prebuilt 4-D mask
+        or per-layer mask dict (``cache_implementation="static"``, a ``StaticCache``, compiled
+        generation), are refused before their masks reach the model."""
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError(f"a decoder-only DePT model needs a dynamic generation cache (generate()'s default); "
+                             f"got a {type(cache).__name__} (cache_implementation='static' or a compiled "
+                             "generation), whose fixed-size layers and prebuilt masks cannot hold the prompt")
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
         kwargs = self.arguments(args, kwargs)
