@@ -23,10 +23,11 @@ FAMILY_ROUTES = pytest.mark.parametrize("family, share", [
 """Every family under each route it has (T5 has one: the prompt in every encoder row)."""
 
 
-def dept_model(family: str, rank: int = R, share: Optional[bool] = None, dropout: bool = True) -> nn.Module:
-    """``apply_dept`` on the family's tiny model with a non-zero update (B is zero at initialisation);
-    ``generate()`` then runs exactly ``max_new_tokens`` steps in every row."""
-    model = apply_dept(build(family, dropout=dropout), M, rank, S, share_prompt=share)
+def dept_model(family: str, rank: int = R, share: Optional[bool] = None, dropout: bool = True,
+               **overrides) -> nn.Module:
+    """``apply_dept`` on the family's tiny model (config ``overrides``) with a non-zero update (B is
+    zero at initialisation); ``generate()`` then runs exactly ``max_new_tokens`` steps in every row."""
+    model = apply_dept(build(family, dropout=dropout, **overrides), M, rank, S, share_prompt=share)
     model.generation_config.eos_token_id = None
     if rank:
         with torch.no_grad():
