@@ -79,9 +79,11 @@ def test_gradients_bitwise_deterministic_across_runs():
         assert torch.equal(first, second)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("id_check", ["host", "device"])
+def test_torch_compile_fullgraph_matches_eager(id_check):
+    """Forward + backward of the module compiled whole; under compile the id check is the device one."""
     torch.manual_seed(0)
-    mod = FusedDePTEmbedding(nn.Embedding(32128, 768).to(CUDA, torch.bfloat16), 60, 30, 256)
+    mod = FusedDePTEmbedding(nn.Embedding(32128, 768).to(CUDA, torch.bfloat16), 60, 30, 256, id_check=id_check)
     nn.init.normal_(mod.lora_B)
     ids = torch.randint(0, 32128, (8, 200), device=CUDA)
     grads = []
