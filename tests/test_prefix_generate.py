@@ -45,3 +45,14 @@ def test_seeded_sampling_batch_with_left_padding(name):
     assert decoded[0].min() >= 0 and decoded[0].max() < VOCAB
     assert_same_decoding(decoded, reference_decode(model, ids, mask, sample_seed=5))
     assert not torch.equal(decoded[0], generate(model, ids, mask, sample_seed=6)[0])  # the draws depend on the seed
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_static_cache_decodes_like_the_reference(name):
+    """A fixed-size cache (``cache_implementation="static"``, what compiled generation uses) brings a
+    4-D mask, or on Qwen2 a dict of them per layer type: the prefixes join it, and the tokens and
+    logits are those of the uncached reference."""
+    model = adapted(name).eval()
+    ids, mask = left_padded_batch()
+    decoded = generate(model, ids, mask, cache_implementation="static")
+    assert_same_decoding(decoded, reference_decode(model, ids, mask))

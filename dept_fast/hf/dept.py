@@ -292,24 +292,24 @@ class _Inputs:
         self.takes_position_ids = "position_ids" in self.signature.parameters
 
     def arguments(self, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        """The call's arguments by name, after refusing what a DePT model cannot take."""
+        """The call's arguments by name, after refusing token types and input ids a DePT model cannot take."""
         kwargs = forward_arguments(self.signature, args, kwargs)
-        self.check_cache(generation_cache(kwargs))
         if kwargs.get("token_type_ids") is not None:
             raise ValueError("token_type_ids are not supported by a DePT model")
-        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids")
         if ids is not None and (not isinstance(ids, torch.Tensor) or ids.dim() != 2):
             shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"a DePT model takes 2-D input_ids (batch, length), got {shape}; "
                              "for a single sequence pass input_ids.unsqueeze(0)")
+        return kwargs
+
+    def check_mask(self, kwargs: Dict[str, Any]) -> None:
+        """Refuse attention masks other than (batch, length) in a call that some row's DePT adapter takes."""
+        mask = kwargs.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"a DePT model takes a 2-D attention_mask (batch, length), got {shape}; 4-D masks "
                              "and per-layer mask dicts (from static or compiled caches) are not supported")
-        return kwargs
-
-    def check_cache(self, cache: Any) -> None:
-        """Refuse a generation cache the model's inputs cannot go through (encoder inputs take any)."""
 
     @staticmethod
     def rows(model: nn.Module, kwargs: Dict[str, Any]) -> RowAdapters:
@@ -371,21 +371,26 @@ class DecoderInputs(_Inputs):
         """Forward hook: the shared prompts' loss term (see :meth:`SharedPrompts.add_prompt_loss`)."""
         return None if self.shared is None else self.shared.add_prompt_loss(model, args, kwargs, output)
 
-    def check_cache(self, cache: Any) -> None:
-        """A decoder's cache holds the prompt's positions (or sits behind the shared prompt's prefix
-        attention, which needs the 2-D mask): fixed-size caches, which come with a prebuilt 4-D mask
-        or per-layer mask dict (``cache_implementation="static"``, a ``StaticCache``, compiled
-        generation), are refused before their masks reach the model."""
+    def check_mask(self, kwargs: Dict[str, Any]) -> None:
+        """First the generation cache: a decoder's holds the prompt's positions (or sits behind the
+        shared prompt's prefix attention, which needs the 2-D mask), so fixed-size caches, which come
+        with a prebuilt 4-D mask or per-layer mask dict (``cache_implementation="static"``, a
+        ``StaticCache``, compiled generation), are refused by name; then the mask."""
+        cache = generation_cache(kwargs)
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError(f"a decoder-only DePT model needs a dynamic generation cache (generate()'s default); "
                              f"got a {type(cache).__name__} (cache_implementation='static' or a compiled "
                              "generation), whose fixed-size layers and prebuilt masks cannot hold the prompt")
+        super().check_mask(kwargs)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
         kwargs = self.arguments(args, kwargs)
-        if kwargs.get("labels") is not None and kwargs.get("attention_mask") is not None:
-            kwargs["labels"] = first_label_first(kwargs["labels"], kwargs["attention_mask"])
         rows = self.rows(module, kwargs)
+        if rows.adapters:  # a call no DePT adapter takes (e.g. Prefix-Tuning alone) keeps any cache and mask
+            self.check_mask(kwargs)
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("labels") is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            kwargs["labels"] = first_label_first(kwargs["labels"], mask)
         if not rows.adapters:
             return (), kwargs
         input_ids = self.require_ids(kwargs)
@@ -446,6 +451,7 @@ class Seq2SeqInputs(_Inputs):
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
         kwargs = self.arguments(args, kwargs)
+        self.check_mask(kwargs)
         if kwargs.get("encoder_outputs") is None:
             rows = self.rows(module, kwargs)
             return (), encoder_inputs(rows, kwargs, self.require_ids(kwargs)) if rows.adapters else kwargs
@@ -471,6 +477,7 @@ class EncoderInputs(_Inputs):
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
         kwargs = self.arguments(args, kwargs)
+        self.check_mask(kwargs)
         if kwargs.get("input_ids") is None:  # embeddings built by Seq2SeqInputs, or the caller's own
             return (), kwargs
         rows = self.rows(self.model, kwargs)
