@@ -12,24 +12,20 @@ import torch
 
 from dept_fast import active_adapter, apply_dept, apply_prefix_tuning, load_dept, set_adapter
 from dept_fast.ops import dept_embedding_mixed, dept_embedding_reference
+from dept_models import FAMILY_ROUTES
+from families import ENCODER_DECODERS, build
 from numerics import rel_err
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
+from tiny_models import VOCAB
 
 TOL = 2e-6
-NO_DROPOUT = {tiny_gpt2: dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), tiny_llama: {},
-              tiny_t5: dict(dropout_rate=0.0)}
-ROUTES = {  # (family, share_prompt): T5 has the prompt in every row only
-    "gpt2-shared": (tiny_gpt2, None), "gpt2-every-row": (tiny_gpt2, False),
-    "llama-shared": (tiny_llama, None), "llama-every-row": (tiny_llama, False), "t5": (tiny_t5, None),
-}
 NAMES = ["dept", "pt", "__base__", "prefix", "dept", "small"]
 
 
-def mixed_model(build, share, seed=0):
+def mixed_model(family, share, seed=0):
     """Four adapters of different sizes: DePT (m 3, r 4, s 16), prompt tuning (m 5), DePT (m 2, r 2,
     s 12, alpha 3) and Prefix-Tuning (p 4) — the last two under names of their own."""
     torch.manual_seed(seed)
-    model = build(**NO_DROPOUT[build])
+    model = build(family, dropout=False)
     apply_dept(model, 3, 4, 16, share_prompt=share, adapter_name="dept")
     apply_dept(model, 5, 0, 16, adapter_name="pt")
     apply_dept(model, 2, 2, 12, lora_alpha=3.0, adapter_name="small")
@@ -42,13 +38,13 @@ def mixed_model(build, share, seed=0):
     return model.eval()
 
 
-def batch(build, rows=len(NAMES), length=7, seed=1):
+def batch(family, rows=len(NAMES), length=7, seed=1):
     """Decoders: rows 1 and 3 left-padded (positions count real tokens, so a padded row equals the
     row alone); T5 (relative positions: a pad between prompt and tokens changes distances): right-padded."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (rows, length), generator=gen)
     mask = torch.ones_like(ids)
-    if build is tiny_t5:
+    if family in ENCODER_DECODERS:
         mask[1, -2:] = mask[3, -1:] = 0
         extra = {"decoder_input_ids": torch.randint(3, VOCAB, (rows, 4), generator=gen)}
         labels = extra["decoder_input_ids"].clone()
@@ -99,13 +95,12 @@ def grads(model):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-@pytest.mark.parametrize("route", ROUTES)
-def test_each_row_equals_the_row_alone(route, checkpointing):
-    build, share = ROUTES[route]
-    model = mixed_model(build, share).train()
+@FAMILY_ROUTES
+def test_each_row_equals_the_row_alone(family, share, checkpointing):
+    model = mixed_model(family, share).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    inputs = batch(build)
+    inputs = batch(family)
     loss, logits = summed_loss(model, inputs, NAMES)
     loss.backward()
     mixed_grads = grads(model)
@@ -120,7 +115,7 @@ def test_each_row_equals_the_row_alone(route, checkpointing):
         total += row_loss.item()
         for n, g in grads(model).items():
             want_grads[n] += g
-        assert rel_err(real_positions(model, logits, inputs, i, name), row_logits[0]) <= TOL, (route, name)
+        assert rel_err(real_positions(model, logits, inputs, i, name), row_logits[0]) <= TOL, name
     assert abs(loss.item() - total) <= TOL * total
     for n, g in mixed_grads.items():
         assert rel_err(g, want_grads[n]) <= TOL, n
@@ -130,35 +125,33 @@ def test_each_row_equals_the_row_alone(route, checkpointing):
 
 
 def test_base_rows_are_the_plain_model():
-    model = mixed_model(tiny_llama, None)
-    inputs = {k: v for k, v in batch(tiny_llama).items() if k != "labels"}
+    model = mixed_model("llama-gqa", None)
+    inputs = {k: v for k, v in batch("llama-gqa").items() if k != "labels"}
     with torch.no_grad():
         mixed = model(**inputs, adapter_names=NAMES).logits
-        torch.manual_seed(0)
-        plain = tiny_llama()(**{k: v[2:3] for k, v in inputs.items()}).logits
+        plain = build("llama-gqa")(**{k: v[2:3] for k, v in inputs.items()}).logits
     assert rel_err(mixed[2:3], plain) <= TOL
 
 
-@pytest.mark.parametrize("route", ROUTES)
-def test_greedy_generate_gives_each_rows_own_tokens(route):
-    build, share = ROUTES[route]
-    model = mixed_model(build, share)
-    inputs = {k: v for k, v in batch(build).items() if k in ("input_ids", "attention_mask")}
+@FAMILY_ROUTES
+def test_greedy_generate_gives_each_rows_own_tokens(family, share):
+    model = mixed_model(family, share)
+    inputs = {k: v for k, v in batch(family).items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         mixed = model.generate(**inputs, adapter_names=NAMES, max_new_tokens=5, do_sample=False)
         for i, name in enumerate(NAMES):
             alone = model.generate(**row_alone(inputs, i), adapter_names=[name], max_new_tokens=5, do_sample=False)
-            assert torch.equal(mixed[i, -5:], alone[0, -5:]), (route, name)
+            assert torch.equal(mixed[i, -5:], alone[0, -5:]), name
 
 
-@pytest.mark.parametrize("route", ["gpt2-shared", "llama-every-row", "t5"])
-def test_seeded_sampling_draws_from_each_rows_own_distribution(route):
+@pytest.mark.parametrize("family, share", [("gpt2", None), ("llama-gqa", False), ("t5", None)],
+                         ids=["gpt2-shared", "llama-gqa-every-row", "t5"])
+def test_seeded_sampling_draws_from_each_rows_own_distribution(family, share):
     """generate(do_sample) with a seed against a loop that, at every step, takes each row's
     next-token distribution from the row alone (uncached, its adapter) and draws the batch with the
     same seed: the same tokens (a wrong row distribution would change the draws)."""
-    build, share = ROUTES[route]
-    model = mixed_model(build, share)
-    inputs = {k: v for k, v in batch(build).items() if k in ("input_ids", "attention_mask")}
+    model = mixed_model(family, share)
+    inputs = {k: v for k, v in batch(family).items() if k in ("input_ids", "attention_mask")}
     steps = 4
     with torch.no_grad():
         torch.manual_seed(7)
@@ -185,10 +178,10 @@ def _next_token_logits(model, row, name, generated):
 
 
 def test_active_adapter_and_names():
-    model = mixed_model(tiny_gpt2, None)
+    model = mixed_model("gpt2", None)
     assert active_adapter(model) == "dept" and model.dept is model.dept_adapters["dept"]
     assert not hasattr(model, "prefix_tuning")  # the active name has no prefixes
-    inputs = {k: v for k, v in batch(tiny_gpt2).items() if k != "labels"}
+    inputs = {k: v for k, v in batch("gpt2").items() if k != "labels"}
     with torch.no_grad():
         uniform = model(**inputs).logits
         assert torch.equal(uniform, model(**inputs, adapter_names=["dept"] * len(NAMES)).logits)
@@ -210,13 +203,12 @@ def test_active_adapter_and_names():
 
 
 def test_adapters_save_and_load_on_their_own(tmp_path):
-    model = mixed_model(tiny_llama, None)
-    inputs = {k: v for k, v in batch(tiny_llama).items() if k != "labels"}
+    model = mixed_model("llama-gqa", None)
+    inputs = {k: v for k, v in batch("llama-gqa").items() if k != "labels"}
     for name in ("dept", "small"):
         model.dept_adapters[name].save_pretrained(tmp_path / name)
     model.prefix_adapters["prefix"].save_pretrained(tmp_path / "prefix")
-    torch.manual_seed(0)
-    fresh = tiny_llama()
+    fresh = build("llama-gqa")
     for name in ("small", "dept"):
         load_dept(fresh, tmp_path / name, adapter_name=name)
     from dept_fast import load_prefix_tuning
@@ -266,9 +258,9 @@ def test_the_hf_trainer_trains_every_adapter_of_a_mixed_batch(tmp_path):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    model = mixed_model(tiny_llama, None).train()
+    model = mixed_model("llama-gqa", None).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    inputs = batch(tiny_llama)
+    inputs = batch("llama-gqa")
     rows = [{**{k: v[i] for k, v in inputs.items()}, "adapter_names": name} for i, name in enumerate(NAMES)]
 
     def collate(examples):
@@ -290,7 +282,7 @@ def test_checkpoints_of_other_formats_load_as_named_adapters(tmp_path):
     import json
 
     torch.manual_seed(0)
-    peft_model = peft.get_peft_model(tiny_gpt2(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    peft_model = peft.get_peft_model(build("gpt2"), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.normal_()
     peft_model.save_pretrained(tmp_path / "peft")
@@ -299,10 +291,10 @@ def test_checkpoints_of_other_formats_load_as_named_adapters(tmp_path):
         {"peft_type": "PROMPT_TUNING_LORA", "num_virtual_tokens": 3, "r": 2, "lora_alpha": 4, "max_length": 16}))
     torch.save({"prompt_embeddings": torch.randn(3, 40), "prompt_encoder.lora_embedding_A": torch.randn(16, 2),
                 "prompt_encoder.lora_embedding_B": torch.randn(2, 40)}, tmp_path / "authors" / "adapter_model.bin")
-    model = mixed_model(tiny_gpt2, None)
+    model = mixed_model("gpt2", None)
     load_dept(model, tmp_path / "peft", adapter_name="peft", max_length=16)
     load_dept(model, tmp_path / "authors", adapter_name="authors")
-    inputs = {k: v for k, v in batch(tiny_gpt2).items() if k != "labels"}
+    inputs = {k: v for k, v in batch("gpt2").items() if k != "labels"}
     names = ["peft", "authors", "dept", "__base__", "authors", "prefix"]
     with torch.no_grad():
         logits = model(**inputs, adapter_names=names).logits
