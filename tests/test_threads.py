@@ -1,5 +1,7 @@
 """One adapted model called from 4 threads at once, 50 calls each (what a serving thread pool does):
 every loss, logit, gradient and generated token equals the single-threaded value, bit for bit.
+Models: DePT with the prompt shared (also inside ``serving()``) or in every row, Prefix-Tuning, and
+a model with several named adapters whose calls pick one per row (``adapter_names``).
 
 Each call mixes what can leak between calls if any of it lived on the model between hooks: labels
 (the shared prompt's loss is completed in a forward hook), batch shapes and padding sides
@@ -17,13 +19,15 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from dept_fast import apply_prefix_tuning, serving
+from dept_fast import apply_dept, apply_prefix_tuning, serving
 from dept_models import dept_model
 from families import build
 from tiny_models import VOCAB
 
 THREADS, CALLS = 4, 50
 FAMILY = "llama-gqa"
+ROW_ADAPTERS = ["small", "prefix", "__base__", "default"]
+"""The mixed model's adapters, the first rows of a batch take (cycled)."""
 
 
 def batches():
@@ -42,21 +46,27 @@ def batches():
     return out
 
 
-def calls(model, params):
-    """The calls the threads draw from: each batch without and with gradients, and one generate()."""
+def calls(model, params, mixed):
+    """The calls the threads draw from: each batch without and with gradients, and one generate();
+    ``mixed``: each row names its adapter (``adapter_names``). Gradients of parameters a call does
+    not use are empty tensors."""
+    def names(inputs):
+        rows = inputs["input_ids"].shape[0]
+        return {"adapter_names": [ROW_ADAPTERS[(i + rows) % len(ROW_ADAPTERS)] for i in range(rows)]} if mixed else {}
+
     def forward(inputs, grad):
         def call():
             with torch.set_grad_enabled(grad):
-                out = model(**inputs)
-                grads = torch.autograd.grad(out.loss, params) if grad else ()
-            return [out.loss.detach(), out.logits.detach(), *grads]
+                out = model(**inputs, **names(inputs))
+                grads = torch.autograd.grad(out.loss, params, allow_unused=True) if grad else ()
+            return [out.loss.detach(), out.logits.detach(), *(torch.zeros(0) if g is None else g for g in grads)]
         return call
 
     def generate(inputs):
         def call():
             with torch.no_grad():
                 return [model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                       max_new_tokens=3, do_sample=False)]
+                                       max_new_tokens=3, do_sample=False, **names(inputs))]
         return call
 
     inputs = batches()
@@ -64,8 +74,13 @@ def calls(model, params):
 
 
 def adapted(kind):
-    """(model, trainable params) in eval mode: DePT with the prompt shared or in every row, or
-    Prefix-Tuning with its MLP."""
+    """(model, trainable params) in eval mode: DePT with the prompt shared or in every row,
+    Prefix-Tuning with its MLP, or both kinds under names of their own (DePT sharing its prompts)."""
+    if kind == "mixed":
+        model = dept_model(FAMILY)
+        apply_dept(model, 2, 2, 12, lora_alpha=3.0, adapter_name="small")
+        apply_prefix_tuning(model, 3, projection_dim=16, adapter_name="prefix")
+        return model, [p for p in model.parameters() if p.requires_grad]
     if kind == "prefix":
         torch.manual_seed(0)
         model = apply_prefix_tuning(build(FAMILY), 3, projection_dim=16)
@@ -76,11 +91,11 @@ def adapted(kind):
     return model, [p for p in model.dept.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("kind", ["shared", "shared-serving", "every-row", "prefix"])
+@pytest.mark.parametrize("kind", ["shared", "shared-serving", "every-row", "prefix", "mixed"])
 def test_concurrent_calls_equal_single_threaded(kind, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model, params = adapted(kind)
-    work = calls(model, params)
+    work = calls(model, params, mixed=kind == "mixed")
     expected = [call() for call in work]
     mismatches, errors = [], []
     start = threading.Barrier(THREADS)
