@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from dept_fast import apply_dept, apply_prefix_tuning, trainable_parameters
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
+from families import FAMILIES, LAYOUTS, build
+from tiny_models import VOCAB, tiny_gpt2
 
 M, R, S, P, MID = 3, 4, 16, 3, 8
 
 
 @pytest.mark.parametrize("rank", [R, 0], ids=["dept", "prompt-tuning"])
-@pytest.mark.parametrize("build", [tiny_gpt2, tiny_t5])
-def test_dept_counts(build, rank):
-    base_total = build().num_parameters()  # transformers' own count (the tied output embedding once)
-    model = apply_dept(build(), M, rank, S)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dept_counts(family, rank):
+    base_total = build(family).num_parameters()  # transformers' own count (a tied output embedding once)
+    model = apply_dept(build(family), M, rank, S)
     d = model.get_input_embeddings().embedding_dim
     count = trainable_parameters(model)
     assert count.trainable == M * d + S * rank + rank * d
@@ -29,17 +30,19 @@ def mlp_count(prefix_len, layers, kv_dim, embed_dim, mid):
 
 
 @pytest.mark.parametrize("projection_dim", [MID, None], ids=["mlp", "no-mlp"])
-@pytest.mark.parametrize("build, stacks, kv_dim, d", [
-    (tiny_gpt2, 1, 40, 40), (tiny_llama, 1, 2 * 12, 48), (tiny_t5, 2, 40, 40)])  # GQA: 2 kv heads of 12
-def test_prefix_counts(build, stacks, kv_dim, d, projection_dim):
-    base_total = build().num_parameters()
-    model = apply_prefix_tuning(build(), P, projection_dim=projection_dim)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_counts(family, projection_dim):
+    base_total = build(family).num_parameters()
+    model = apply_prefix_tuning(build(family), P, projection_dim=projection_dim)
+    d = model.get_input_embeddings().embedding_dim
+    stacks = LAYOUTS[family].values()  # per self-attention stack (layers, kv_heads, head_dim)
+    prefixes = sum(P * 2 * layers * kv_heads * head_dim for layers, kv_heads, head_dim in stacks)
+    mlps = sum(mlp_count(P, layers, kv_heads * head_dim, d, MID) for layers, kv_heads, head_dim in stacks)
     count = trainable_parameters(model)
-    per_stack = P * 2 * 2 * kv_dim if projection_dim is None else mlp_count(P, 2, kv_dim, d, MID)
-    assert count.trainable == stacks * per_stack
+    assert count.trainable == (prefixes if projection_dim is None else mlps)
     assert count.total == base_total + count.trainable
     model.prefix_tuning.merge()  # the MLP gone, the prefixes kept
-    assert trainable_parameters(model).trainable == stacks * P * 2 * 2 * kv_dim
+    assert trainable_parameters(model).trainable == prefixes
 
 
 def test_tied_and_frozen_parameters():
