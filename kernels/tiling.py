@@ -6,12 +6,14 @@ and hand it to :func:`launch`; :func:`dry_run` makes :func:`launch` record inste
 compile check can call the real launchers on ``meta`` tensors and compile exactly what they would
 launch on a GPU with that many SMs (``tests/kernel_compile.py``).
 
-DePT grids are (position blocks, feature blocks, batch groups). Each program owns one
-(BLOCK_T x BLOCK_D) tile of positions x features and streams the batch rows of its group
+DePT grids are (position blocks, feature blocks, segments). Each program owns one
+(BLOCK_T x BLOCK_D) tile of positions x features and streams the batch rows of its segment
 through it, so the A.B tile (forward) or the batch reduction (backward) is done once per tile,
-not once per row. Batch groups only exist to give the GPU enough programs when the tile count
-alone would leave SMs idle; each extra group re-computes one A.B tile (forward) or adds one
-fp32 partial-sum slab (backward).
+not once per row. With one adapter the segments are batch groups; with k packed adapters, one per
+row, each adapter's rows are split into the same number of groups (``adapter_rows``), k x groups
+segments. Groups only exist to give the GPU enough programs when the tiles (x k) alone would
+leave SMs idle; each extra group re-computes one A.B tile (forward) or adds one fp32 partial-sum
+slab (backward).
 """
 import contextlib
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
@@ -97,8 +99,9 @@ def rank_block(rank: int) -> int:
 
 
 def choose_tiles(batch: int, n_positions: int, dim: int, element_size: int,
-                 sm_count: Optional[int], max_groups: Optional[int] = None) -> TileConfig:
-    """Pick a :class:`TileConfig` for ``batch`` rows of ``n_positions`` x ``dim`` elements.
+                 sm_count: Optional[int], max_groups: Optional[int] = None, runs: int = 1) -> TileConfig:
+    """Pick a :class:`TileConfig` for ``batch`` rows of ``n_positions`` x ``dim`` elements, each tile
+    launched ``runs`` x groups times (``runs``: k packed adapters, each tile runs once per adapter's rows).
 
     ``sm_count`` None (the interpreter, ~1 ms per program regardless of its size): tiles as wide as
     possible, the batch never split. On the GPU a tile row is 512 bytes (each of 4 warps' threads
@@ -118,8 +121,8 @@ def choose_tiles(batch: int, n_positions: int, dim: int, element_size: int,
     def tiles(block_d: int) -> int:
         return triton.cdiv(max(n_positions, 1), block_t) * triton.cdiv(dim, block_d)
 
-    while tiles(block_d) * max_groups < sm_count and block_d * element_size > 128 and block_d > 16:
+    while tiles(block_d) * runs * max_groups < sm_count and block_d * element_size > 128 and block_d > 16:
         block_d //= 2
     num_warps = max(1, block_t * block_d * element_size // (32 * _ROW_BYTES_PER_THREAD))
-    groups = max(1, min(max_groups, triton.cdiv(_PROGRAMS_PER_SM * sm_count, tiles(block_d))))
+    groups = max(1, min(max_groups, triton.cdiv(_PROGRAMS_PER_SM * sm_count, tiles(block_d) * runs)))
     return TileConfig(block_t=block_t, block_d=block_d, groups=groups, num_warps=num_warps)

@@ -45,10 +45,11 @@ def compiler_unavailable() -> Optional[str]:
 
 
 def cases() -> Iterator[Tuple[str, str, Callable[[], None]]]:
-    """(label, dtype, call of the launchers on meta tensors) for one benchmark shape per dtype."""
+    """(label, dtype, call of the launchers on meta tensors) for one benchmark shape per dtype, and the
+    mixed-batch benchmark (k packed adapters, one per row) in each dtype."""
     import torch
-    from bench_shapes import dept_cases, prefix_cases
-    from dept_fast.kernels import dept_backward, dept_forward, prefix_kv_backward, prefix_kv_forward
+    from bench_shapes import dept_cases, mixed_cases, prefix_cases
+    from dept_fast.kernels import AdapterRows, dept_backward, dept_forward, prefix_kv_backward, prefix_kv_forward
 
     def t(*shape, dtype):
         return torch.empty(*shape, dtype=dtype, device="meta")
@@ -65,6 +66,19 @@ def cases() -> Iterator[Tuple[str, str, Callable[[], None]]]:
             yield f"dept-bwd {name}{' +dE' if emb else ''}", dtype_name, \
                 lambda c=c, dt=dt, ids=ids, lora=lora, n_pos=n_pos, emb=emb: dept_backward(
                     t(c.batch, n_pos, c.dim, dtype=dt), ids, c.vocab, *lora, 1.0, c.prompt, dt, emb_dtype=emb)
+    name, c = next(iter(mixed_cases().items()))
+    k, n_pos = c.adapters + 1, c.prompt + c.seq_len  # the trailing no-adapter pack
+    ids = t(c.batch, c.seq_len, dtype=torch.int64)
+    rows = AdapterRows(t(c.batch, dtype=torch.int64), t(c.batch, dtype=torch.int64), t(k + 1, dtype=torch.int64))
+    scaling = t(k, dtype=torch.float32)
+    for dtype_name, dt in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        lora = (t(k, c.seq_len, c.rank, dtype=dt), t(k, c.rank, c.dim, dtype=dt))
+        yield f"dept-fwd {name}", dtype_name, lambda dt=dt, lora=lora: dept_forward(
+            ids, t(c.vocab, c.dim, dtype=dt), t(k, c.prompt, c.dim, dtype=dt), *lora, scaling, rows)
+        for emb in (None, dt):
+            yield f"dept-bwd {name}{' +dE' if emb else ''}", dtype_name, \
+                lambda dt=dt, lora=lora, emb=emb: dept_backward(t(c.batch, n_pos, c.dim, dtype=dt), ids, c.vocab, *lora,
+                                                                scaling, c.prompt, dt, emb_dtype=emb, rows=rows)
     shapes = {"fp32": ("t5-base-fp32", torch.float32), "fp16": ("t5-base-bf16", torch.float16),
               "bf16": ("llama7b-p100", torch.bfloat16)}
     for dtype_name, (name, dt) in shapes.items():

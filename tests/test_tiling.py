@@ -3,7 +3,7 @@ import pytest
 import torch
 import triton
 
-from bench_shapes import dept_cases, prefix_cases
+from bench_shapes import dept_cases, mixed_cases, prefix_cases
 from dept_fast.kernels import dept_backward, tiling
 from dept_fast.kernels.dept_backward import _dept_bwd_kernel, plan_dept_backward
 from dept_fast.kernels.dept_forward import plan_dept_forward
@@ -23,6 +23,15 @@ def dept_plans(case, sm_count: int) -> dict:
             "backward+dE": plan_dept_backward(case.batch, n_pos, case.dim, es, True, sm_count)}
 
 
+def mixed_plans(case, sm_count: int) -> dict:
+    """Plans of a mixed batch: k adapters packed with the trailing no-adapter one."""
+    k, n_pos, es = case.adapters + 1, case.prompt + case.seq_len, case.dtype.itemsize
+    return {"forward": plan_dept_forward(case.batch, case.prompt, case.seq_len, case.dim, case.rank, es, es == 2,
+                                         sm_count, adapters=k),
+            "backward": plan_dept_backward(case.batch, n_pos, case.dim, es, False, sm_count, adapters=k),
+            "backward+dE": plan_dept_backward(case.batch, n_pos, case.dim, es, True, sm_count, adapters=k)}
+
+
 def prefix_plans(case, sm_count: int) -> dict:
     n_out = case.layers * 2 * case.kv_heads * case.head_dim
     shape = (case.prefix_len, case.mid, n_out, case.head_dim)
@@ -36,6 +45,25 @@ def prefix_plans(case, sm_count: int) -> dict:
 def test_dept_kernels_fill_the_gpu_at_benchmark_shapes(name, gpu):
     for kernel, plan in dept_plans(dept_cases()[name], SM_COUNTS[gpu]).items():
         assert plan.programs >= SM_COUNTS[gpu], kernel
+
+
+@pytest.mark.parametrize("gpu", SM_COUNTS)
+@pytest.mark.parametrize("name", mixed_cases())
+def test_mixed_batch_dept_kernels_fill_the_gpu(name, gpu):
+    for kernel, plan in mixed_plans(mixed_cases()[name], SM_COUNTS[gpu]).items():
+        assert plan.programs >= SM_COUNTS[gpu], kernel
+        assert plan.meta["INDEXED"] and plan.grid[2] % (mixed_cases()[name].adapters + 1) == 0, kernel
+
+
+def test_packed_adapters_multiply_the_programs_per_tile():
+    """With k adapters every tile runs k segments: the T5-base bf16 backward, which narrows its tiles to
+    fill 132 SMs with one adapter, keeps 512-byte tiles with 4, and splits no adapter's rows (the cap
+    b x 2 bytes / (32 k) keeps the fp32 partial sums at one slab per adapter)."""
+    one = plan_dept_backward(32, 316, 768, 2, False, 132)
+    four = plan_dept_backward(32, 316, 768, 2, False, 132, adapters=4)
+    assert one.meta["BLOCK_D"] * 2 == 256 and four.meta["BLOCK_D"] * 2 == 512
+    assert four.grid[2] == 4 and four.programs >= 132
+    assert tiling.choose_tiles(32, 316, 768, 2, 132, runs=2).groups == 5  # ceil(4 x 132 / (60 tiles x 2 runs))
 
 
 @pytest.mark.parametrize("gpu", SM_COUNTS)
