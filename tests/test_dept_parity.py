@@ -126,7 +126,7 @@ def test_out_of_range_ids_never_read_by_the_kernel(device):
     ids = inp["ids"].clone()
     ids[1, 4], ids[2, 0] = -3, 50  # vocab is 50
     out = DePTEmbeddingFunction.apply(ids, inp["weight"], inp["prompt"], inp["lora_A"], inp["lora_B"],
-                                      inp["scaling"], False, None)
+                                      inp["scaling"], None, False, None)
     m = inp["prompt"].shape[0]
     bad = torch.zeros(out.shape[:2], dtype=torch.bool)
     bad[1, m + 4] = bad[2, m] = True

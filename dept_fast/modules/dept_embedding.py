@@ -139,12 +139,13 @@ def mixed_dept_embedding(adapters: Sequence[FusedDePTEmbedding], adapter_index: 
     """The DePT stage of a mixed-task batch: row i takes ``adapters[adapter_index[i]]`` (-1: none),
     ``[0 ; P_a ; E[ids] + scaling_a * (A_a @ B_a)[pos]]`` with each prompt left-padded by zero rows to
     the longest (see :func:`dept_fast.ops.dept_embedding_mixed`). The adapters must wrap one
-    embedding table; the first one's ``id_check`` applies."""
+    embedding table; the first one's ``id_check`` and ``deterministic`` apply."""
     first = adapters[0]
     if any(a.word_embeddings is not first.word_embeddings for a in adapters):
         raise ValueError("the adapters of a mixed batch must wrap the same word embeddings")
     prompts = [a.prompt if with_prompt else a.prompt[:0] for a in adapters]
     return dept_embedding_mixed(input_ids, adapter_index, first.weight, prompts, [a.lora_A for a in adapters],
                                 [a.lora_B for a in adapters], [a.scaling for a in adapters], positions=positions,
-                                id_check=first.id_check, padding_idx=first.word_embeddings.padding_idx)
+                                id_check=first.id_check, padding_idx=first.word_embeddings.padding_idx,
+                                deterministic=first.deterministic)
 

@@ -16,15 +16,20 @@ from .dept_embedding_reference import dept_embedding_mixed_reference, dept_embed
 
 if TRITON_AVAILABLE:  # at import, not inside the Functions: torch.compile traces those
     from .. import kernels
+    from ..kernels.adapter_rows import as_packs, scaling_of_packs, sort_rows
 
 
 class DePTEmbeddingFunction(torch.autograd.Function):
-    """``[P ; E[ids] + scaling * (A @ B)[:L]]`` in one kernel launch, gradients in one pass over G.
+    """``[P_a ; E[ids] + s_a * (A_a @ B_a)[:L]]`` in one kernel launch for the whole batch, gradients in
+    one pass over G.
 
-    Forward args: ids (b, L), weight E (V, d), prompt P (m, d), lora_A (s, r), lora_B (r, d),
-    scaling, deterministic, padding_idx. The output has E's dtype; P, A, B may be kept in another
-    float dtype (e.g. fp32 master weights beside a bf16 model) and receive gradients in their own
-    dtype. See ``kernels/dept_backward.py`` for the gradient math.
+    Forward args: ids (b, L), weight E (V, d), then one adapter -- prompt P (m, d), lora_A (s, r),
+    lora_B (r, d), a float scaling, rows None -- or k packed adapters (:func:`pack_adapters`) --
+    prompts (k, M, d), lora_A (k, S, R), lora_B (k, R, d), scaling (k,) fp32, rows the
+    ``AdapterRows`` of each row's adapter (``kernels.adapter_rows.sort_rows``); then deterministic,
+    padding_idx. The output has E's dtype; P, A, B may be kept in another float dtype (e.g. fp32
+    master weights beside a bf16 model) and receive gradients in their own dtype. See
+    ``kernels/dept_backward.py`` for the gradient math.
 
     Double backward (``create_graph=True``): the backward is linear in G, so it is then computed
     with differentiable PyTorch ops (the same math, G read more than once) and second-order
@@ -32,13 +37,14 @@ class DePTEmbeddingFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, ids, weight, prompt, lora_A, lora_B, scaling, deterministic, padding_idx):
-        out = kernels.dept_forward(ids, weight, prompt, lora_A, lora_B, scaling)
+    def forward(ctx, ids, weight, prompt, lora_A, lora_B, scaling, rows, deterministic, padding_idx):
+        out = kernels.dept_forward(ids, weight, prompt, lora_A, lora_B, scaling, rows)
         ctx.save_for_backward(ids, lora_A, lora_B)
         ctx.scaling = scaling
+        ctx.rows = rows
         ctx.deterministic = deterministic
         ctx.vocab = weight.shape[0]
-        ctx.n_prompt = prompt.shape[0]
+        ctx.n_prompt = prompt.shape[-2]
         ctx.emb_dtype = weight.dtype
         ctx.prompt_dtype = prompt.dtype
         ctx.padding_idx = padding_idx
@@ -51,29 +57,37 @@ class DePTEmbeddingFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
             grads = _differentiable_backward(ctx, grad_out, ids, lora_A, lora_B)
         else:
-                grads = kernels.dept_backward(
+            grads = kernels.dept_backward(
                 grad_out, ids, ctx.vocab, lora_A, lora_B, ctx.scaling, ctx.n_prompt, ctx.prompt_dtype,
-                emb_dtype=ctx.emb_dtype if need_grad[1] else None, deterministic=ctx.deterministic)
+                emb_dtype=ctx.emb_dtype if need_grad[1] else None, deterministic=ctx.deterministic, rows=ctx.rows)
         grad_emb, grad_prompt, grad_A, grad_B = grads
         if grad_emb is not None and ctx.padding_idx is not None:
             grad_emb[ctx.padding_idx] = 0  # as nn.Embedding: the padding row never learns
         return (None, grad_emb if need_grad[1] else None, grad_prompt if need_grad[2] else None,
-                grad_A if need_grad[3] else None, grad_B if need_grad[4] else None, None, None, None)
+                grad_A if need_grad[3] else None, grad_B if need_grad[4] else None, None, None, None, None)
 
 
 def _differentiable_backward(ctx, grad_out, ids, lora_A, lora_B):
     """(dE, dP, dA, dB) as the kernels compute them, by autograd-traceable PyTorch ops (fp32 sums)."""
     m, seq_len = ctx.n_prompt, ids.shape[1]
-    col = grad_out.float().sum(0)
-    grad_in = col[m:]
-    grad_A = F.pad(ctx.scaling * (grad_in @ lora_B.float().t()), (0, 0, 0, lora_A.shape[0] - seq_len))
-    grad_B = ctx.scaling * (lora_A[:seq_len].float().t() @ grad_in)
+    packed_A, packed_B = as_packs(lora_A, lora_B)
+    grad = grad_out.float()
+    if ctx.rows is None:
+        col = grad.sum(0, keepdim=True)
+    else:  # each adapter's rows summed: S_a = sum over rows i of adapter a of G[i]
+        col = grad.new_zeros((packed_A.shape[0],) + grad.shape[1:]).index_add(0, ctx.rows.index, grad)
+    scale, grad_in = scaling_of_packs(ctx.scaling), col[:, m:]
+    grad_A = F.pad(scale * (grad_in @ packed_B.float().transpose(1, 2)), (0, 0, 0, packed_A.shape[1] - seq_len))
+    grad_B = scale * (packed_A[:, :seq_len].float().transpose(1, 2) @ grad_in)
+    grad_prompt = col[:, :m]
+    if lora_A.dim() == 2:
+        grad_prompt, grad_A, grad_B = grad_prompt[0], grad_A[0], grad_B[0]
     grad_emb = None
     if ctx.needs_input_grad[1]:
         grad_emb = torch.zeros((ctx.vocab, grad_out.shape[-1]), dtype=torch.float32, device=grad_out.device)
-        grad_emb = grad_emb.index_add(0, ids.reshape(-1), grad_out[:, m:].float().reshape(-1, grad_out.shape[-1]))
+        grad_emb = grad_emb.index_add(0, ids.reshape(-1), grad[:, m:].reshape(-1, grad_out.shape[-1]))
         grad_emb = grad_emb.to(ctx.emb_dtype)
-    return grad_emb, col[:m].to(ctx.prompt_dtype), grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+    return grad_emb, grad_prompt.to(ctx.prompt_dtype), grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
 
 def dept_embedding(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor,
@@ -107,8 +121,8 @@ def dept_embedding(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.
         return dept_embedding_reference(input_ids, weight, prompt, lora_A, lora_B, scaling, padding_idx)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    return DePTEmbeddingFunction.apply(input_ids, weight, prompt, lora_A, lora_B, float(scaling), deterministic,
-                                       padding_idx)
+    return DePTEmbeddingFunction.apply(input_ids, weight, prompt, lora_A, lora_B, float(scaling), None,
+                                       deterministic, padding_idx)
 
 
 def dept_embedding_at_positions(input_ids: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor,
@@ -168,7 +182,7 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
                          prompts: Sequence[torch.Tensor], lora_As: Sequence[torch.Tensor],
                          lora_Bs: Sequence[torch.Tensor], scalings: Sequence[float],
                          positions: Optional[torch.Tensor] = None, id_check: str = "host",
-                         padding_idx: Optional[int] = None) -> torch.Tensor:
+                         padding_idx: Optional[int] = None, deterministic: Optional[bool] = None) -> torch.Tensor:
     """The DePT stage with an adapter per batch row (mixed-task batches).
 
     Row i takes adapter ``a = adapter_index[i]`` of the k given (prompt (m_a, d), lora_A (s_a, r_a),
@@ -177,6 +191,11 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
     the token's column or ``positions[i, t]``. ``adapter_index`` -1: no adapter (E[ids] after M
     zero rows); None: every row takes adapter 0. Each token's position must lie below its row's
     adapter's max_length.
+
+    Without ``positions`` it runs on the fused kernels where they can (one launch forward and one
+    backward for the whole batch, each adapter's gradients summed from its own rows only,
+    deterministically; ``deterministic`` as in :func:`dept_embedding`, for E's gradient); with them,
+    in PyTorch.
 
     Returns:
         (b, M + L, d) in ``weight.dtype``, computed in fp32, rounded once.
@@ -191,7 +210,6 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
     packed = pack_adapters(prompts, lora_As, lora_Bs, scalings)
     if adapter_index is None:
         index = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-        limit = packed.sizes[0][1]
     else:
         need(adapter_index.shape == (batch,) and not adapter_index.is_floating_point(),
              f"adapter_index must be a ({batch},) integer tensor, got {tuple(adapter_index.shape)} {adapter_index.dtype}")
@@ -201,15 +219,25 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
         packed = packed._replace(**{name: F.pad(getattr(packed, name), (0, 0) * (getattr(packed, name).dim() - 1) +
                                                 (0, 1)) for name in ("prompts", "lora_A", "lora_B", "scaling")})
         index = torch.where(adapter_index < 0, k, adapter_index).long()
-        limit = torch.tensor([s for _, s in packed.sizes] + [packed.lora_A.shape[1]], device=input_ids.device)[index]
     if positions is None:
         shortest = min(s for _, s in packed.sizes)
         need(seq_len <= shortest, f"input length {seq_len} exceeds max_length {shortest} of a low-rank update in "
                                   "the batch; truncate the inputs or build the adapter with a larger max_length")
+        if use_kernels(weight):
+            if deterministic is None:
+                deterministic = torch.are_deterministic_algorithms_enabled()
+            if adapter_index is None:  # adapter 0 alone (its prompt padded to M)
+                return DePTEmbeddingFunction.apply(input_ids, weight, packed.prompts[0], packed.lora_A[0],
+                                                   packed.lora_B[0], float(scalings[0]), None, deterministic,
+                                                   padding_idx)
+            return DePTEmbeddingFunction.apply(input_ids, weight, packed.prompts, packed.lora_A, packed.lora_B,
+                                               packed.scaling, sort_rows(index, k + 1), deterministic, padding_idx)
     else:
         need(positions.shape == input_ids.shape,
              f"positions must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(positions.shape)}")
-        check_in_range("token positions", positions, limit if isinstance(limit, int) else limit[:, None],
+        sizes = [s for _, s in packed.sizes] + [packed.lora_A.shape[1]]  # the no-adapter row: any position
+        limit = sizes[0] if adapter_index is None else torch.tensor(sizes, device=input_ids.device)[index, None]
+        check_in_range("token positions", positions, limit,
                        "the rows of the row's DePT update, its max_length; positions count a row's real tokens, "
                        "generated ones included: shorten the input or max_new_tokens, or build the adapter with a "
                        "larger max_length", id_check)
