@@ -10,14 +10,13 @@ inputs: round-off ~1e-7 / 1e-2 relative, asserted at 2e-3), still far below a mi
 old failure: second-order prompt gradients None, A/B ones off by 100x). The references are
 evaluated in fp64.
 """
-import importlib
 
 import pytest
 import torch
 
 import dept_fast.modules.dept_embedding as dept_embedding_module
 from dept_fast import dept_embedding, dept_embedding_reference
-from dept_fast.ops import prefix_kv_projection, prefix_kv_reference
+from dept_fast.ops import dept_embedding_op, prefix_kv_op, prefix_kv_projection, prefix_kv_reference
 from dept_inputs import make_inputs
 from dept_models import FAMILY_ROUTES, M, dept_model, padded_batch
 from families import build
@@ -25,9 +24,6 @@ from numerics import TOL, rel_err
 from prefix_kv_inputs import make_inputs as make_prefix_inputs
 from tiny_models import VOCAB
 
-# The op modules by import path: the attribute dept_fast.ops.dept_embedding is the function of that name.
-dept_embedding_op = importlib.import_module("dept_fast.ops.dept_embedding")
-prefix_kv_op = importlib.import_module("dept_fast.ops.prefix_kv")
 # DePT (batch, L, max_length s, vocab V, d, prompt m, rank r) and prefix K/V (layers, kv_heads,
 # head_dim, p, mid): tiny, odd, L < s, repeated ids (V 7).
 DEPT_SHAPE = (2, 3, 5, 7, 6, 2, 3)
