@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.dept import adapter_config, build_embedding, read_checkpoint
+from ..distributed import refuse_sharded, refuse_zero3, zero3_module
 from ..modules.dept_embedding import FusedDePTEmbedding, mixed_dept_embedding
 from .adapters import DEPT, call_names, PREFIX, RowAdapters, adapters_of, check_name, row_adapters
 from .attach import attach, forward_arguments
@@ -79,6 +80,7 @@ def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: 
         The same model object, called exactly as before (``input_ids``, ``attention_mask``,
         ``labels``, ``generate``, plus ``adapter_names``); only the adapters' parameters require grad.
     """
+    refuse_sharded(model)
     word_embeddings = _word_embeddings(model)
     _check_position_limit(model, num_prompt_tokens, max_length)
     adapter = FusedDePTEmbedding(word_embeddings, num_prompt_tokens, rank, max_length, lora_alpha)
@@ -98,6 +100,7 @@ def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Opt
     ``share_prompt`` and ``adapter_name`` as in :func:`apply_dept` (a whole-model save is read for
     its adapter of that name).
     """
+    refuse_sharded(model)
     word_embeddings = _word_embeddings(model)
     _refuse_taken(model, adapter_name)
     checkpoint = read_checkpoint(path, word_embeddings.embedding_dim, max_length, adapter_name)
@@ -236,7 +239,9 @@ def embed_tokens(rows: RowAdapters, input_ids: torch.Tensor, positions: torch.Te
     when every real token sits at its column, the per-position path otherwise."""
     columns = positions_are_columns(positions, attention_mask)
     if rows.uniform:
-        return rows.adapters[0](input_ids, with_prompt=with_prompt, positions=None if columns else positions)
+        adapter = zero3_module(rows.adapters[0])
+        return adapter(input_ids, with_prompt=with_prompt, positions=None if columns else positions)
+    refuse_zero3(rows.adapters, "a batch mixing DePT adapters (adapter_names)")
     return mixed_dept_embedding(rows.adapters, rows.index, input_ids, with_prompt=with_prompt,
                                 positions=None if columns else positions)
 

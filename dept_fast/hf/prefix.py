@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.prefix import PrefixCheckpoint, adapter_config, read_prefix_checkpoint
+from ..distributed import refuse_sharded, zero3_module
 from ..modules.prefix_encoder import FusedPrefixEncoder
 from ..modules.prefix_tuning import PrefixTuning
 from .adapters import DEPT, call_names, PREFIX, adapters_of, check_name, row_adapters
@@ -53,6 +54,7 @@ def apply_prefix_tuning(model: nn.Module, prefix_len: int, projection_dim: Optio
         ``model.gradient_checkpointing_enable()``; reentrant checkpointing is switched to
         non-reentrant with a warning.
     """
+    refuse_sharded(model)
     return _attach(model, adapter_name, (prefix_len, projection_dim))
 
 
@@ -62,6 +64,7 @@ def load_prefix_tuning(model: nn.Module, path: PathLike, adapter_name: str = DEF
     whole-model save of a model with prefixes (``model.save_pretrained``, the HF Trainer; its
     adapter of that name). Raises ValueError when the checkpoint's layers, heads or head width do
     not match the model's."""
+    refuse_sharded(model)
     _refuse_taken(model, adapter_name)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     return _attach(model, adapter_name, read_prefix_checkpoint(path, encoder_decoder, adapter_name))
@@ -123,9 +126,9 @@ class StackPrefixes:
         if not rows.adapters:
             return (), kwargs
         if rows.uniform:
-            key_values, valid = rows.adapters[0].encoders[self.name].key_values(), None
+            key_values, valid = zero3_module(rows.adapters[0].encoders[self.name]).key_values(), None
         else:
-            key_values, valid = pack_prefixes([a.encoders[self.name].key_values() for a in rows.adapters])
+            key_values, valid = pack_prefixes([zero3_module(a.encoders[self.name]).key_values() for a in rows.adapters])
         return (), prefix_pass(kwargs, key_values, rows.index, valid, shift_positions=self.shift_positions)
 
 

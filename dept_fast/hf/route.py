@@ -19,6 +19,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..distributed import gathered_forward
 from .attention import (ATTENTION_NAMES, PREFIX_KWARG, PREFIX_SLOT_ATTR, PrefixKV, recording_calls, register,
                         wrapped_implementation)
 
@@ -125,7 +126,7 @@ def _tag_stack(model: nn.Module, name: str, stack: nn.Module, causal: bool) -> T
     are tagged. Returns the stack's (layers, kv_heads, head_dim)."""
     kind = type(stack).__name__
     ids = torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device)
-    with recording_calls() as calls, torch.no_grad():
+    with recording_calls() as calls, torch.no_grad(), gathered_forward(stack):
         stack(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **{PREFIX_KWARG: PrefixKV()})
     if not calls:
         raise TypeError(f"{kind}'s attention layers never called the '{ATTENTION_NAMES['sdpa']}' attention "

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import zero3_module
 from ..modules.dept_embedding import FusedDePTEmbedding
 from .adapters import BASE, NAMES_KWARG, RowAdapters
 from .attach import prefix_pass
@@ -138,10 +139,12 @@ class SharedPrompts:
         """Run the prompts alone (batch k, each at positions 0..m-1, left-padded to the longest)
         through ``model.forward`` (not ``model(...)``, whose DePT pre-hook is for token ids) and
         capture every layer's K/V. Padding slots' K/V are zeroed (they are never attended to)."""
-        dtype = adapters[0].weight.dtype
         lengths = [a.num_prompt_tokens for a in adapters]
         longest = max(lengths)
-        prompts = torch.stack([F.pad(a.prompt.to(dtype), (0, 0, longest - a.num_prompt_tokens, 0)) for a in adapters])
+        # Each P through its adapter's forward (no token ids), where an engine has gathered its parameters.
+        no_ids = torch.empty((1, 0), dtype=torch.long, device=adapters[0].weight.device)
+        prompts = torch.cat([F.pad(zero3_module(a)(no_ids), (0, 0, longest - a.num_prompt_tokens, 0))
+                             for a in adapters])
         kwargs: Dict[str, Any] = {"inputs_embeds": prompts, "use_cache": False, NAMES_KWARG: [BASE] * len(adapters)}
         valid = None
         if min(lengths) != longest:

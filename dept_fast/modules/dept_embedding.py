@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..distributed import gathered, refuse_sharded
 from ..ops import dept_embedding, dept_embedding_at_positions, dept_embedding_mixed
 from ..ops.checks import FLOAT_DTYPES, ID_CHECKS
 
@@ -47,12 +48,16 @@ class FusedDePTEmbedding(nn.Module):
         check_config(num_prompt_tokens, rank, max_length, lora_alpha)
         if id_check not in ID_CHECKS:
             raise ValueError(f"id_check must be one of {ID_CHECKS}, got {id_check!r}")
+        refuse_sharded(word_embeddings)
         weight = word_embeddings.weight
-        if weight.dim() != 2:
-            raise ValueError(f"word embeddings must be 2-D (vocab, d), got shape {tuple(weight.shape)}")
+        with gathered([weight]):  # a model built under deepspeed.zero.Init holds a (0,) placeholder
+            if weight.dim() != 2:
+                raise ValueError(f"word embeddings must be 2-D (vocab, d), got shape {tuple(weight.shape)}")
+            vocab, dim = weight.shape
+            token_ids = torch.randint(0, vocab, (num_prompt_tokens,), device=weight.device)
+            prompt = weight.detach()[token_ids].clone()
         if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"word embeddings must be float32, float16 or bfloat16, got {weight.dtype}")
-        vocab, dim = weight.shape
         factory = {"dtype": weight.dtype, "device": weight.device}
 
         self.word_embeddings = word_embeddings
@@ -65,8 +70,7 @@ class FusedDePTEmbedding(nn.Module):
         self.deterministic = deterministic
         self.id_check = id_check
 
-        token_ids = torch.randint(0, vocab, (num_prompt_tokens,), device=weight.device)
-        self.prompt = nn.Parameter(weight.detach()[token_ids].clone())
+        self.prompt = nn.Parameter(prompt)
         self.lora_A = nn.Parameter(torch.empty((max_length, rank), **factory))
         self.lora_B = nn.Parameter(torch.zeros((rank, dim), **factory))
         if rank > 0:
