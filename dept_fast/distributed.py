@@ -69,7 +69,7 @@ def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
     if not params:
         yield
         return
-    from deepspeed.zero import GatheredParameters
+    from deepspeed.runtime.zero import GatheredParameters
 
     with GatheredParameters(params):
         yield
@@ -118,22 +118,14 @@ def zero3_module(module: nn.Module) -> nn.Module:
     The engine gathers a module's own parameters for its forward and backward. An adapter module
     also reads parameters of its submodules directly (the word embeddings' weight, a projection's
     weight handed to a kernel): those are registered as its external parameters, so the engine
-    gathers them with its own. A zero-size parameter (rank-0 DePT's A and B) has nothing to gather,
-    but DeepSpeed's gather of a module's parameters fails on one (a concatenation of no pieces): it is
-    given its (empty) full shape and kept, as the engine keeps small parameters. Does nothing
-    unless ``module``'s parameters are ZeRO-3's (cheap: one attribute look-up)."""
+    gathers them with its own. Does nothing unless ``module`` has ZeRO-3 parameters."""
     if not any(is_zero3(p) for p in module.parameters()):
         return module
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-    from deepspeed.zero import register_external_parameter
+    from deepspeed.runtime.zero import register_external_parameter
 
     own = {id(p) for p in module.parameters(recurse=False)}
     registered = getattr(module, "_external_params", {})
     for p in module.parameters():
         if id(p) not in own and id(p) not in registered:
             register_external_parameter(module, p)
-        if p.ds_numel == 0 and p.ds_status == ZeroParamStatus.NOT_AVAILABLE:
-            p.data = torch.empty(p.ds_shape, dtype=p.dtype, device=p.device)
-            p.ds_status = ZeroParamStatus.AVAILABLE
-            p.ds_persist = True
     return module

@@ -111,7 +111,8 @@ def build_embedding(checkpoint: DePTCheckpoint, word_embeddings: nn.Embedding) -
         if tensor is not None:
             # A copy of its own: tensors read from one file may share a buffer (zero-size ones alias their
             # neighbours' address, which the Triton interpreter mistakes for the same storage).
-            setattr(adapter, name, nn.Parameter(tensor.to(device=device, copy=True)))
+            value = tensor.to(device=device, copy=True)
+            setattr(adapter, name, nn.Parameter(value) if name in adapter._parameters else value)  # rank 0: buffers
     return adapter
 
 

@@ -71,10 +71,14 @@ class FusedDePTEmbedding(nn.Module):
         self.id_check = id_check
 
         self.prompt = nn.Parameter(prompt)
-        self.lora_A = nn.Parameter(torch.empty((max_length, rank), **factory))
-        self.lora_B = nn.Parameter(torch.zeros((rank, dim), **factory))
+        lora_A = torch.empty((max_length, rank), **factory)
+        lora_B = torch.zeros((rank, dim), **factory)
         if rank > 0:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+            self.lora_A, self.lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
+        else:  # empty: buffers (saved like parameters), as DeepSpeed ZeRO-3 cannot gather an empty parameter
+            self.register_buffer("lora_A", lora_A)
+            self.register_buffer("lora_B", lora_B)
 
     @property
     def weight(self) -> nn.Parameter:

@@ -1,0 +1,119 @@
+"""DeepSpeed ZeRO-3 on 2 CPU ranks (gloo): the adapters train exactly as one process on the whole
+batch, with the base model built normally or under ``deepspeed.zero.Init``; attaching an adapter
+after ``deepspeed.initialize`` is refused.
+
+Needs the optional ``deepspeed`` package (skipped without it). On a CPU, DeepSpeed compiles its
+``deepspeed_shm_comm`` op on first use (minutes; cached afterwards). ``tests/deepspeed_check.sh``
+installs DeepSpeed and runs this file. Every parameter is partitioned (persistence thresholds 0),
+so each read outside the engine's gathering would see a (0,) placeholder.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dept_fast import FusedDePTEmbedding, apply_dept, apply_prefix_tuning
+from distributed import (ARCHS, LR, WORLD, Case, all_cases, assert_matches, attach_adapter, base_model, build, init_group,
+                         mean_over_ranks, rank_batch, reference, refusal, spawn, train, trainable_names)
+
+pytestmark = [
+    pytest.mark.deepspeed,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"),
+]
+
+CASES = all_cases(reshard=True, zero_init=False) + all_cases(reshard=True, zero_init=True)
+TIMEOUT = 1200  # the first run compiles DeepSpeed's CPU communication op
+CONFIG = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 1,
+    "zero_allow_untested_optimizer": True,
+    "gradient_clipping": 0.0,  # plain SGD, as the reference (DeepSpeed clips at norm 1 by default)
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                          "stage3_model_persistence_threshold": 0},
+}
+APPLY_FIRST = "attach the adapter to the plain model first"
+
+
+def _case(rank, case, saved):
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if case.zero_init:  # as the HF Trainer with a ZeRO-3 config loads a model: from_pretrained under zero.Init
+        zero3 = HfDeepSpeedConfig(CONFIG)  # noqa: F841 - transformers sees ZeRO-3 while this object lives
+        model = AutoModelForCausalLM.from_pretrained(saved[case.arch]).train()
+        assert model.get_input_embeddings().weight.shape == (0,), "zero.Init left the embeddings unpartitioned"
+        model = attach_adapter(model, case)
+    else:
+        model = build(case)
+    names = trainable_names(model)
+    params = [p for name, p in model.named_parameters() if name in names]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(params, lr=LR), config=CONFIG)
+
+    def step():
+        loss = engine(**rank_batch(rank)).loss
+        engine.backward(loss)
+        return mean_over_ranks(loss)
+
+    def grads():
+        return {name: deepspeed.utils.safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()
+                if name in names}
+
+    return train(step, grads, engine.step)
+
+
+def _refusals():
+    import deepspeed
+
+    model = base_model("gpt2")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=CONFIG)
+    return {
+        "apply_dept": refusal(lambda: apply_dept(model, 3, 4, 16)),
+        "apply_dept(share_prompt=False)": refusal(lambda: apply_dept(model, 3, 4, 16, share_prompt=False)),
+        "apply_dept on the engine": refusal(lambda: apply_dept(engine, 3, 4, 16)),
+        "apply_prefix_tuning": refusal(lambda: apply_prefix_tuning(model, 3, projection_dim=8)),
+        "FusedDePTEmbedding": refusal(lambda: FusedDePTEmbedding(model.get_input_embeddings(), 3, 4, 16)),
+    }
+
+
+def _rank(rank, init_file, out_file, cases, saved):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    init_group(rank, init_file)
+    try:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")  # takes the group above
+        results = {str(case): _case(rank, case, saved) for case in cases}
+        results["refusals"] = _refusals()
+        if rank == 0:
+            torch.save(results, out_file)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(tmp_path_factory):
+    pytest.importorskip("deepspeed", reason="needs the optional deepspeed package")
+    folder = tmp_path_factory.mktemp("base_models")
+    saved = {}
+    for arch in ARCHS:  # the base models of the references, for from_pretrained under zero.Init
+        saved[arch] = str(folder / arch)
+        base_model(arch).save_pretrained(saved[arch])
+    return spawn(_rank, (CASES, saved), TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {str(case): reference(case) for case in {case.reference for case in CASES}}
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_zero3_matches_single_process(deepspeed_run, references, case):
+    assert_matches(deepspeed_run[str(case)], references[str(case.reference)], case)
+
+
+def test_zero3_refuses_attaching_after_initialize(deepspeed_run):
+    for attempt, raised in deepspeed_run["refusals"].items():
+        assert raised.startswith("ValueError") and APPLY_FIRST in raised and "DeepSpeed" in raised, (attempt, raised)
