@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from datetime import timedelta
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import pytest
 import torch
@@ -91,6 +91,14 @@ def attach_adapter(model: torch.nn.Module, case: Case) -> torch.nn.Module:
 
 def build(case: Case) -> torch.nn.Module:
     return attach_adapter(base_model(case.arch), case)
+
+
+def save_adapters(folder) -> Tuple[str, str]:
+    """A DePT and a Prefix-Tuning adapter of tiny GPT-2 saved under ``folder``: their two directories."""
+    dept, prefix = os.path.join(folder, "dept"), os.path.join(folder, "prefix")
+    apply_dept(tiny_gpt2(), 3, 4, 16).dept.save_pretrained(dept)
+    apply_prefix_tuning(tiny_gpt2(), 3, projection_dim=8).prefix_tuning.save_pretrained(prefix)
+    return dept, prefix
 
 
 def decoder_layers(model: torch.nn.Module, arch: str) -> List[torch.nn.Module]:

@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dept_fast import FusedDePTEmbedding, apply_dept, apply_prefix_tuning
-from distributed import (ARCHS, LR, WORLD, Case, all_cases, assert_matches, attach_adapter, base_model, build, init_group,
-                         mean_over_ranks, rank_batch, reference, refusal, spawn, train, trainable_names)
+from dept_fast import FusedDePTEmbedding, apply_dept, apply_prefix_tuning, load_dept, load_prefix_tuning
+from distributed import (ARCHS, LR, WORLD, all_cases, assert_matches, attach_adapter, base_model, build, init_group,
+                         mean_over_ranks, rank_batch, reference, refusal, save_adapters, spawn, train,
+                         trainable_names)
+from numerics import rel_err
 
 pytestmark = [
     pytest.mark.deepspeed,
@@ -35,15 +37,23 @@ CONFIG = {
 APPLY_FIRST = "attach the adapter to the plain model first"
 
 
-def _case(rank, case, saved):
-    import deepspeed
+def _zero_init_model(path):
+    """``from_pretrained`` under ``zero.Init``, as with the HF Trainer and a ZeRO-3 config: every weight
+    a (0,) placeholder. Returns the model and the object that keeps transformers' ZeRO-3 mode on."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    if case.zero_init:  # as the HF Trainer with a ZeRO-3 config loads a model: from_pretrained under zero.Init
-        zero3 = HfDeepSpeedConfig(CONFIG)  # noqa: F841 - transformers sees ZeRO-3 while this object lives
-        model = AutoModelForCausalLM.from_pretrained(saved[case.arch]).train()
-        assert model.get_input_embeddings().weight.shape == (0,), "zero.Init left the embeddings unpartitioned"
+    zero3 = HfDeepSpeedConfig(CONFIG)  # transformers builds under zero.Init while this object lives
+    model = AutoModelForCausalLM.from_pretrained(path).train()
+    assert model.get_input_embeddings().weight.shape == (0,), "zero.Init left the embeddings unpartitioned"
+    return model, zero3
+
+
+def _case(rank, case, saved):
+    import deepspeed
+
+    if case.zero_init:
+        model, zero3 = _zero_init_model(saved[case.arch])  # noqa: F841 - ZeRO-3 mode on for this case
         model = attach_adapter(model, case)
     else:
         model = build(case)
@@ -63,6 +73,24 @@ def _case(rank, case, saved):
     return train(step, grads, engine.step)
 
 
+def _loads(saved, checkpoints):
+    """``load_dept`` / ``load_prefix_tuning`` on a model built under ``zero.Init``: what differs from
+    the same load on the plain model (tensor name -> rel_err), or the error."""
+    dept_path, prefix_path = checkpoints
+    found = {}
+    for name, load, adapter in (("load_dept", load_dept, "dept"), ("load_prefix_tuning", load_prefix_tuning,
+                                                                    "prefix_tuning")):
+        path = dept_path if adapter == "dept" else prefix_path
+        plain = getattr(load(base_model("gpt2"), path), adapter).state_dict()
+        model, zero3 = _zero_init_model(saved["gpt2"])  # noqa: F841 - ZeRO-3 mode on for this load
+        try:
+            loaded = getattr(load(model, path), adapter).state_dict()
+            found[name] = {key: rel_err(loaded[key], value) for key, value in plain.items()}
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            found[name] = f"{type(error).__name__}: {error}"
+    return found
+
+
 def _refusals():
     import deepspeed
 
@@ -77,7 +105,7 @@ def _refusals():
     }
 
 
-def _rank(rank, init_file, out_file, cases, saved):
+def _rank(rank, init_file, out_file, cases, saved, checkpoints):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     init_group(rank, init_file)
     try:
@@ -85,6 +113,7 @@ def _rank(rank, init_file, out_file, cases, saved):
 
         deepspeed.init_distributed(dist_backend="gloo")  # takes the group above
         results = {str(case): _case(rank, case, saved) for case in cases}
+        results["loads"] = _loads(saved, checkpoints)
         results["refusals"] = _refusals()
         if rank == 0:
             torch.save(results, out_file)
@@ -101,7 +130,7 @@ def deepspeed_run(tmp_path_factory):
     for arch in ARCHS:  # the base models of the references, for from_pretrained under zero.Init
         saved[arch] = str(folder / arch)
         base_model(arch).save_pretrained(saved[arch])
-    return spawn(_rank, (CASES, saved), TIMEOUT)
+    return spawn(_rank, (CASES, saved, save_adapters(str(folder))), TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +146,11 @@ def test_zero3_matches_single_process(deepspeed_run, references, case):
 def test_zero3_refuses_attaching_after_initialize(deepspeed_run):
     for attempt, raised in deepspeed_run["refusals"].items():
         assert raised.startswith("ValueError") and APPLY_FIRST in raised and "DeepSpeed" in raised, (attempt, raised)
+
+
+@pytest.mark.parametrize("load", ["load_dept", "load_prefix_tuning"])
+def test_zero3_loads_onto_a_model_built_under_zero_init(deepspeed_run, load):
+    """The adapter read from disk onto a partitioned model equals the one loaded onto the plain model."""
+    errors = deepspeed_run["loads"][load]
+    assert isinstance(errors, dict) and errors, errors
+    assert all(error == 0 for error in errors.values()), errors

@@ -6,15 +6,18 @@ Each engine's cases (GPT-2 and GQA Llama x DePT with and without the shared prom
 Prefix-Tuning x gradient checkpointing on/off x resharding after forward on/off) run in one
 spawned process group; see ``distributed.py`` for the comparison.
 """
+import importlib.util
+import math
+import pathlib
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from dept_fast import FusedDePTEmbedding, apply_dept, apply_prefix_tuning, load_dept, load_prefix_tuning
 from distributed import (LR, WORLD, Case, all_cases, assert_matches, base_model, build, decoder_layers,
-                         init_group, mean_over_ranks, rank_batch, reference, refusal, spawn, train,
-                         trainable_names)
-from tiny_models import tiny_gpt2
+                         init_group, mean_over_ranks, rank_batch, reference, refusal, save_adapters, spawn,
+                         train, trainable_names)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -22,6 +25,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 CASES = all_cases()
 TIMEOUT = 600
 APPLY_FIRST = "attach the adapter to the plain model first"
+EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "fsdp2_dept.py"
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +36,7 @@ def references():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A saved DePT adapter and a saved Prefix-Tuning adapter of tiny GPT-2, for the load refusals."""
-    folder = tmp_path_factory.mktemp("adapters")
-    apply_dept(tiny_gpt2(), 3, 4, 16).dept.save_pretrained(str(folder / "dept"))
-    apply_prefix_tuning(tiny_gpt2(), 3, projection_dim=8).prefix_tuning.save_pretrained(str(folder / "prefix"))
-    return str(folder / "dept"), str(folder / "prefix")
+    return save_adapters(str(tmp_path_factory.mktemp("adapters")))
 
 
 def attach_attempts(model, checkpoints, embedding_sharded=True):
@@ -93,12 +94,21 @@ def _rank(rank, init_file, out_file, cases, checkpoints):
     """Both engines' cases and refusals in one process group (a spawn costs more than all the cases)."""
     init_group(rank, init_file)
     try:
-        results = {"fsdp2": _fsdp2(rank, cases, checkpoints), "fsdp1": _fsdp1(rank, cases, checkpoints)}
+        results = {"fsdp2": _fsdp2(rank, cases, checkpoints), "fsdp1": _fsdp1(rank, cases, checkpoints),
+                   "example": _example().main(["--steps", "5", "--rows", "2", "--length", "8"])}
         if rank == 0:
             torch.save(results, out_file)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _example():
+    """examples/fsdp2_dept.py as a module (run inside the ranks' process group, which it joins)."""
+    spec = importlib.util.spec_from_file_location("fsdp2_dept", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +207,9 @@ def test_fsdp1_refuses_attaching_after_wrapping(fsdp_run, situation):
             assert raised == "no error", situation
         else:
             assert raised.startswith("ValueError") and APPLY_FIRST in raised and "FSDP" in raised, (attempt, raised)
+
+
+def test_fsdp2_example_trains(fsdp_run):
+    """examples/fsdp2_dept.py (the README's torchrun example) runs on 2 ranks and its loss falls."""
+    losses = fsdp_run["example"]
+    assert len(losses) == 5 and all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], losses
