@@ -91,12 +91,16 @@ def _loads(saved, checkpoints):
     return found
 
 
-def _refusals():
+def _refusals(rank):
     import deepspeed
 
+    mixed = apply_dept(apply_dept(base_model("gpt2"), 3, 4, 16, adapter_name="a"), 2, 2, 16, adapter_name="b")
+    params = [p for p in mixed.parameters() if p.requires_grad]
+    mixed, *_ = deepspeed.initialize(model=mixed, optimizer=torch.optim.SGD(params, lr=LR), config=CONFIG)
     model = base_model("gpt2")
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=CONFIG)
     return {
+        "a batch mixing DePT adapters": refusal(lambda: mixed(**rank_batch(rank), adapter_names=["a", "b"])),
         "apply_dept": refusal(lambda: apply_dept(model, 3, 4, 16)),
         "apply_dept(share_prompt=False)": refusal(lambda: apply_dept(model, 3, 4, 16, share_prompt=False)),
         "apply_dept on the engine": refusal(lambda: apply_dept(engine, 3, 4, 16)),
@@ -114,7 +118,7 @@ def _rank(rank, init_file, out_file, cases, saved, checkpoints):
         deepspeed.init_distributed(dist_backend="gloo")  # takes the group above
         results = {str(case): _case(rank, case, saved) for case in cases}
         results["loads"] = _loads(saved, checkpoints)
-        results["refusals"] = _refusals()
+        results["refusals"] = _refusals(rank)
         if rank == 0:
             torch.save(results, out_file)
         dist.barrier()
@@ -145,7 +149,8 @@ def test_zero3_matches_single_process(deepspeed_run, references, case):
 
 def test_zero3_refuses_attaching_after_initialize(deepspeed_run):
     for attempt, raised in deepspeed_run["refusals"].items():
-        assert raised.startswith("ValueError") and APPLY_FIRST in raised and "DeepSpeed" in raised, (attempt, raised)
+        expected = "under ZeRO-3 give each batch one adapter" if attempt.startswith("a batch") else APPLY_FIRST
+        assert raised.startswith("ValueError") and expected in raised and "DeepSpeed" in raised, (attempt, raised)
 
 
 @pytest.mark.parametrize("load", ["load_dept", "load_prefix_tuning"])
