@@ -58,6 +58,15 @@ def attach_attempts(model, checkpoints, embedding_sharded=True):
     return attempts
 
 
+def assert_refused(attempts, engine):
+    """Every attempt of :func:`attach_attempts` raised the ValueError naming ``engine`` and the order."""
+    for attempt, raised in attempts.items():
+        if attempt == "left untouched":
+            assert raised == "no error", raised
+        else:
+            assert raised.startswith("ValueError") and APPLY_FIRST in raised and engine in raised, (attempt, raised)
+
+
 def run_cases(rank, cases, wrap, full_grads):
     """Each case built, wrapped by ``wrap(model, case)`` and trained on this rank's rows."""
     results = {}
@@ -158,11 +167,7 @@ def test_fsdp2_matches_single_process(fsdp_run, references, case):
 
 @pytest.mark.parametrize("situation", ["sharded", "inside unshard()", "layers sharded"])
 def test_fsdp2_refuses_attaching_after_sharding(fsdp_run, situation):
-    for attempt, raised in fsdp_run["fsdp2"][f"refused: {situation}"].items():
-        if attempt == "left untouched":
-            assert raised == "no error", situation
-        else:
-            assert raised.startswith("ValueError") and APPLY_FIRST in raised and "FSDP2" in raised, (attempt, raised)
+    assert_refused(fsdp_run["fsdp2"][f"refused: {situation}"], "FSDP2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,11 +207,7 @@ def test_fsdp1_matches_single_process(fsdp_run, references, case):
 
 @pytest.mark.parametrize("situation", ["wrapper", "wrapped module", "inside summon_full_params()", "flat parameters"])
 def test_fsdp1_refuses_attaching_after_wrapping(fsdp_run, situation):
-    for attempt, raised in fsdp_run["fsdp1"][f"refused: {situation}"].items():
-        if attempt == "left untouched":
-            assert raised == "no error", situation
-        else:
-            assert raised.startswith("ValueError") and APPLY_FIRST in raised and "FSDP" in raised, (attempt, raised)
+    assert_refused(fsdp_run["fsdp1"][f"refused: {situation}"], "FSDP")
 
 
 def test_fsdp2_example_trains(fsdp_run):
