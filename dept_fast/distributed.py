@@ -11,8 +11,9 @@ as its external parameters; :func:`gathered` is ``deepspeed.zero.GatheredParamet
 outside a forward (building an adapter around a model built under ``deepspeed.zero.Init``),
 :func:`gathered_forward` gathers each module's own parameters for its forward (a probe pass before
 the engine exists), and :func:`zero3_module` prepares an adapter module for its calls inside the
-engine's forward. Without DeepSpeed all three do nothing. Nothing here imports an engine: a
-model can only be wrapped by one whose module was imported already.
+engine's forward; :func:`refuse_zero3` refuses an operation that reads several adapters' parameters
+at once. Without ZeRO-3 parameters all of them do nothing. Nothing here imports an engine: a model
+can only be wrapped by one whose module was imported already.
 """
 import sys
 from contextlib import ExitStack, contextmanager
