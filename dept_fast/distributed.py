@@ -17,7 +17,7 @@ can only be wrapped by one whose module was imported already.
 """
 import sys
 from contextlib import ExitStack, contextmanager
-from typing import Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -55,6 +55,19 @@ def refuse_sharded(model: nn.Module) -> None:
     engine = sharded_by(model)
     if engine is not None:
         raise ValueError(f"this {type(model).__name__} is already sharded by {engine}; {APPLY_FIRST}")
+
+
+def refuse_shards(tensors: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, ...]], what: str) -> None:
+    """Raise ValueError when one of ``tensors`` (to be saved as ``what``) is not its full value: an
+    FSDP2 DTensor, an FSDP shard or a ZeRO-3 placeholder (its shape is not ``shapes[name]``)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    for name, tensor in tensors.items():
+        if (dtensor is not None and isinstance(tensor, dtensor.DTensor)) or tuple(tensor.shape) != tuple(shapes[name]):
+            raise ValueError(
+                f"{what}: {name} is sharded (a {type(tensor).__name__} of shape {tuple(tensor.shape)}, the full one is "
+                f"{tuple(shapes[name])}); save it where its full value is gathered, on every rank: inside "
+                "model.unshard() (FSDP2), FullyShardedDataParallel.summon_full_params(model) (FSDP) or "
+                "deepspeed.zero.GatheredParameters(list(adapter.parameters())) (ZeRO-3)")
 
 
 def is_zero3(p: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dept_fast import apply_dept, apply_prefix_tuning
+from dept_fast import apply_dept, apply_prefix_tuning, load_dept, load_prefix_tuning
 from numerics import rel_err
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
@@ -188,6 +188,35 @@ def spawn(worker: Callable, args: Sequence, timeout: float) -> dict:
                     process.kill()
                 pytest.fail(f"the ranks did not finish within {timeout} s")
         return torch.load(out_file, weights_only=False)
+
+
+SAVED_CASES = (Case("gpt2", "dept"), Case("llama", "prefix"))
+"""The adapters the engine tests save from a sharded model (one DePT, one Prefix-Tuning)."""
+
+
+def adapter_of(model: torch.nn.Module, case: Case) -> torch.nn.Module:
+    return model.prefix_tuning if case.adapter == "prefix" else model.dept
+
+
+def save_attempt(adapter: torch.nn.Module, gather: Callable, folder: str, rank: int) -> str:
+    """Saving a sharded adapter: what ``adapter.save_pretrained`` raised; then, inside ``gather()``
+    (the engine's full-parameter scope, entered on every rank), rank 0 saves it into ``folder``."""
+    raised = refusal(lambda: adapter.save_pretrained(folder + "-sharded"))
+    with gather():
+        if rank == 0:
+            adapter.save_pretrained(folder)
+    return raised
+
+
+def assert_saved(raised: str, folder: str, case: Case) -> None:
+    """The sharded save was refused, and the gathered one holds the adapter ``build(case)`` makes."""
+    assert raised.startswith("ValueError") and "is sharded" in raised, raised
+    load = load_prefix_tuning if case.adapter == "prefix" else load_dept
+    got = adapter_of(load(base_model(case.arch), folder), case).state_dict()
+    want = adapter_of(build(case), case).state_dict()
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
 
 
 def refusal(attempt: Callable[[], object]) -> str:

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from dept_fast import FusedDePTEmbedding, apply_dept, apply_prefix_tuning, load_dept, load_prefix_tuning
-from distributed import (ARCHS, LR, WORLD, all_cases, assert_matches, attach_adapter, base_model, build, init_group,
-                         mean_over_ranks, rank_batch, reference, refusal, save_adapters, spawn, train,
-                         trainable_names)
+from distributed import (ARCHS, LR, SAVED_CASES, WORLD, adapter_of, all_cases, assert_matches, assert_saved,
+                         attach_adapter, base_model, build, init_group, mean_over_ranks, rank_batch, reference, refusal,
+                         save_adapters, save_attempt, spawn, train, trainable_names)
 from numerics import rel_err
 
 pytestmark = [
@@ -91,6 +91,21 @@ def _loads(saved, checkpoints):
     return found
 
 
+def _saves(rank, folder):
+    """Saving each of :data:`SAVED_CASES`'s adapters after ``deepspeed.initialize`` (see ``save_attempt``)."""
+    import deepspeed
+
+    saved = {}
+    for case in SAVED_CASES:
+        model = build(case)
+        params = [p for p in model.parameters() if p.requires_grad]
+        deepspeed.initialize(model=model, optimizer=torch.optim.SGD(params, lr=LR), config=CONFIG)
+        adapter = adapter_of(model, case)
+        saved[str(case)] = save_attempt(adapter, lambda: deepspeed.zero.GatheredParameters(list(adapter.parameters())),
+                                        os.path.join(folder, f"zero3-{case}"), rank)
+    return saved
+
+
 def _refusals(rank):
     import deepspeed
 
@@ -109,7 +124,7 @@ def _refusals(rank):
     }
 
 
-def _rank(rank, init_file, out_file, cases, saved, checkpoints):
+def _rank(rank, init_file, out_file, cases, saved, checkpoints, folder):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     init_group(rank, init_file)
     try:
@@ -118,6 +133,7 @@ def _rank(rank, init_file, out_file, cases, saved, checkpoints):
         deepspeed.init_distributed(dist_backend="gloo")  # takes the group above
         results = {str(case): _case(rank, case, saved) for case in cases}
         results["loads"] = _loads(saved, checkpoints)
+        results["saves"] = _saves(rank, folder)
         results["refusals"] = _refusals(rank)
         if rank == 0:
             torch.save(results, out_file)
@@ -134,7 +150,7 @@ def deepspeed_run(tmp_path_factory):
     for arch in ARCHS:  # the base models of the references, for from_pretrained under zero.Init
         saved[arch] = str(folder / arch)
         base_model(arch).save_pretrained(saved[arch])
-    return spawn(_rank, (CASES, saved, save_adapters(str(folder))), TIMEOUT)
+    return spawn(_rank, (CASES, saved, save_adapters(str(folder)), str(folder)), TIMEOUT), str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +160,11 @@ def references():
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_zero3_matches_single_process(deepspeed_run, references, case):
-    assert_matches(deepspeed_run[str(case)], references[str(case.reference)], case)
+    assert_matches(deepspeed_run[0][str(case)], references[str(case.reference)], case)
 
 
 def test_zero3_refuses_attaching_after_initialize(deepspeed_run):
-    for attempt, raised in deepspeed_run["refusals"].items():
+    for attempt, raised in deepspeed_run[0]["refusals"].items():
         expected = "under ZeRO-3 give each batch one adapter" if attempt.startswith("a batch") else APPLY_FIRST
         assert raised.startswith("ValueError") and expected in raised and "DeepSpeed" in raised, (attempt, raised)
 
@@ -156,6 +172,12 @@ def test_zero3_refuses_attaching_after_initialize(deepspeed_run):
 @pytest.mark.parametrize("load", ["load_dept", "load_prefix_tuning"])
 def test_zero3_loads_onto_a_model_built_under_zero_init(deepspeed_run, load):
     """The adapter read from disk onto a partitioned model equals the one loaded onto the plain model."""
-    errors = deepspeed_run["loads"][load]
+    errors = deepspeed_run[0]["loads"][load]
     assert isinstance(errors, dict) and errors, errors
     assert all(error == 0 for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("case", SAVED_CASES, ids=str)
+def test_zero3_saving_is_refused_on_placeholders_and_works_gathered(deepspeed_run, case):
+    results, folder = deepspeed_run
+    assert_saved(results["saves"][str(case)], os.path.join(folder, f"zero3-{case}"), case)

@@ -8,16 +8,18 @@ spawned process group; see ``distributed.py`` for the comparison.
 """
 import importlib.util
 import math
+import os
 import pathlib
+from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from dept_fast import FusedDePTEmbedding, apply_dept, apply_prefix_tuning, load_dept, load_prefix_tuning
-from distributed import (LR, WORLD, Case, all_cases, assert_matches, base_model, build, decoder_layers,
-                         init_group, mean_over_ranks, rank_batch, reference, refusal, save_adapters, spawn,
-                         train, trainable_names)
+from distributed import (LR, SAVED_CASES, WORLD, Case, adapter_of, all_cases, assert_matches, assert_saved, base_model,
+                         build, decoder_layers, init_group, mean_over_ranks, rank_batch, reference, refusal,
+                         save_adapters, save_attempt, spawn, train, trainable_names)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -103,7 +105,8 @@ def _rank(rank, init_file, out_file, cases, checkpoints):
     """Both engines' cases and refusals in one process group (a spawn costs more than all the cases)."""
     init_group(rank, init_file)
     try:
-        results = {"fsdp2": _fsdp2(rank, cases, checkpoints), "fsdp1": _fsdp1(rank, cases, checkpoints),
+        folder = os.path.dirname(checkpoints[0])  # the adapters the ranks save go beside the checkpoints
+        results = {"fsdp2": _fsdp2(rank, cases, checkpoints, folder), "fsdp1": _fsdp1(rank, cases, checkpoints, folder),
                    "example": _example().main(["--steps", "5", "--rows", "2", "--length", "8"])}
         if rank == 0:
             torch.save(results, out_file)
@@ -133,7 +136,7 @@ def fsdp_run(checkpoints):
 # FSDP2
 
 
-def _fsdp2(rank, cases, checkpoints):
+def _fsdp2(rank, cases, checkpoints, folder):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -148,6 +151,16 @@ def _fsdp2(rank, cases, checkpoints):
         return {name: p.grad.full_tensor() for name, p in model.named_parameters() if name in names}
 
     results = run_cases(rank, cases, wrap, full_grads)
+    for case in SAVED_CASES:
+        model = wrap(build(case), case)
+
+        @contextmanager
+        def unsharded():
+            model.unshard()
+            yield
+            model.reshard()
+
+        results[f"saved: {case}"] = save_attempt(adapter_of(model, case), unsharded, f"{folder}/fsdp2-{case}", rank)
     sharded = wrap(base_model("gpt2"), Case("gpt2", "dept"))
     results["refused: sharded"] = attach_attempts(sharded, checkpoints)
     sharded.unshard()  # the parameters are plain tensors in here: the wrapped modules still tell
@@ -174,7 +187,7 @@ def test_fsdp2_refuses_attaching_after_sharding(fsdp_run, situation):
 # FSDP (FullyShardedDataParallel)
 
 
-def _fsdp1(rank, cases, checkpoints):
+def _fsdp1(rank, cases, checkpoints, folder):
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -190,6 +203,11 @@ def _fsdp1(rank, cases, checkpoints):
             return {clean(name): p.grad.clone() for name, p in model.named_parameters() if clean(name) in names}
 
     results = run_cases(rank, cases, wrap, full_grads)
+    for case in SAVED_CASES:
+        model = wrap(build(case), case)
+        results[f"saved: {case}"] = save_attempt(adapter_of(model, case),
+                                                 lambda: FullyShardedDataParallel.summon_full_params(model),
+                                                 f"{folder}/fsdp1-{case}", rank)
     wrapped = wrap(base_model("gpt2"), Case("gpt2", "dept"))
     results["refused: wrapper"] = attach_attempts(wrapped, checkpoints)
     results["refused: wrapped module"] = attach_attempts(wrapped.module, checkpoints)
@@ -214,3 +232,10 @@ def test_fsdp2_example_trains(fsdp_run):
     """examples/fsdp2_dept.py (the README's torchrun example) runs on 2 ranks and its loss falls."""
     losses = fsdp_run["example"]
     assert len(losses) == 5 and all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+@pytest.mark.parametrize("case", SAVED_CASES, ids=str)
+def test_saving_a_sharded_adapter_is_refused_and_works_gathered(fsdp_run, checkpoints, engine, case):
+    folder = os.path.join(os.path.dirname(checkpoints[0]), f"{engine}-{case}")
+    assert_saved(fsdp_run[engine][f"saved: {case}"], folder, case)

@@ -33,6 +33,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..distributed import refuse_shards
 from ..modules.dept_embedding import FusedDePTEmbedding
 from .config import DePTConfig, field
 from .files import (PEFT_CONFIG_NAME, Tensors, check_header, is_saved, read_adapter_weights, read_json,
@@ -65,8 +66,9 @@ class DePTCheckpoint:
 def save_embedding(adapter: FusedDePTEmbedding, path: PathLike) -> None:
     """Write ``adapter``'s prompt, lora_A, lora_B and config into directory ``path`` (created if
     needed), crash-safe: an interrupted save leaves the previous checkpoint or this one."""
-    save_checkpoint(path, {name: getattr(adapter, name) for name in TENSOR_NAMES}, adapter_config(adapter).to_json(),
-                    WEIGHTS_NAME, CONFIG_NAME)
+    tensors, config = {name: getattr(adapter, name) for name in TENSOR_NAMES}, adapter_config(adapter)
+    refuse_shards(tensors, _expected_shapes(config, adapter.embedding_dim), "a DePT adapter's save")
+    save_checkpoint(path, tensors, config.to_json(), WEIGHTS_NAME, CONFIG_NAME)
 
 
 def adapter_config(adapter: FusedDePTEmbedding) -> DePTConfig:

@@ -20,6 +20,7 @@ from typing import Dict, Tuple, Union
 
 import torch
 
+from ..distributed import refuse_shards
 from ..modules.prefix_encoder import FusedPrefixEncoder
 from ..modules.prefix_tuning import PrefixTuning
 from .config import PrefixTuningConfig, StackConfig, field
@@ -54,8 +55,10 @@ def adapter_config(adapter: PrefixTuning) -> PrefixTuningConfig:
 
 def save_prefix(adapter: PrefixTuning, path: PathLike) -> None:
     """Write the adapter's config and tensors into directory ``path`` (crash-safe, see files.py)."""
-    save_checkpoint(path, dict(adapter.encoders.state_dict()), adapter_config(adapter).to_json(), WEIGHTS_NAME,
-                    CONFIG_NAME)
+    # The parameters as registered (not state_dict(), which FSDP2 gives as shards even inside unshard()).
+    tensors, config = dict(adapter.encoders.named_parameters()), adapter_config(adapter)
+    refuse_shards(tensors, expected_tensors(config), "a Prefix-Tuning adapter's save")
+    save_checkpoint(path, tensors, config.to_json(), WEIGHTS_NAME, CONFIG_NAME)
 
 
 def expected_tensors(config: PrefixTuningConfig) -> Dict[str, Tuple[int, ...]]:
