@@ -14,12 +14,16 @@ than m + max_length, chunked attention) would hide the prompt from later tokens:
 (:func:`check_attention_window`).
 
 The loss. With the prompt in every row, the last prompt position predicts the first input token.
-The prompt pass computes that logit once (1 x V) and :meth:`SharedPrompt.add_prompt_loss` adds its
+The prompt pass computes that logit once (1 x V) and :meth:`SharedPrompts.add_prompt_loss` adds its
 term to the input positions' terms, reduced as the model's own loss reduces (sum over targets /
 their count, or ``num_items_in_batch`` when given): the prompt-in-every-row loss. The returned
 logits (and hidden states, attentions) cover the L input positions only; a (b, m + L, V) tensor is
 never built. The labels and the prompt's logit travel from the pre-hook to the forward hook inside
 the call's own ``dept_prefix`` kwarg, so concurrent calls on one model never see each other's.
+
+Several adapters (a mixed batch): the prompts of the call's k distinct adapters run as one batch-k
+pass (left-padded to the longest, the padding masked and its K/V zeroed), and each row attends to
+its own adapter's prompt K/V and takes its own prompt's last logit for the loss.
 
 When the prompt pass runs. By default once per call: it is a forward of m tokens (batch 1), next to
 the call's b x L. Two scopes reuse it, both where it is provably unchanged:
