@@ -9,11 +9,12 @@ import os
 import platform
 import shlex
 import sys
+from typing import Optional
 
 import pytest
 import torch
 
-from . import measure, report
+from . import measure, report, stage
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,6 +27,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.is_relative_to(os.path.dirname(__file__)):
             item.add_marker(skip)
+
+
+def pytest_report_header(config) -> Optional[str]:
+    if measure.bench_device().type == "cuda":
+        return None
+    return (f"dept_fast benchmarks on CPU ({torch.get_num_threads()} threads), a smoke run: every stage case in "
+            f"{str(stage.CPU_DTYPE)[6:]} (not bf16), model shapes scaled down, torch.compile and the fused "
+            f"kernels skipped")
 
 
 @pytest.fixture(scope="session")

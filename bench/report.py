@@ -290,7 +290,8 @@ def block(records: List[Dict], runs: List[Dict], plot_name: Optional[str]) -> st
     if dev == "cpu":
         lines += ["", "CPU smoke run: the fused kernels and torch.compile are timed on CUDA only, so these rows "
                       "compare the eager reference with the library's CPU path (the same reference behind the "
-                      "module's checks) and mean little for GPU performance; model shapes are scaled down."]
+                      "module's checks) and mean little for GPU performance; stage cases run in float32, model "
+                      "shapes are scaled down."]
     lines += [""] + summary_lines(records)
     if plot_name:
         lines += ["", f"![speedups]({plot_name})"]

@@ -16,7 +16,7 @@ import torch
 
 from dept_fast import dept_embedding, dept_embedding_reference
 
-from .stage import MODES, PROVIDERS, bench_stage, compiled, per_mode, skip_unless_available
+from .stage import MODES, PROVIDERS, bench_stage, compiled, device_case, per_mode, skip_unless_available
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class StageCase:
         return per_mode(forward, backward)
 
 
-# The shapes of the benchmark protocol (shared/DESIGN.md).
+# The shapes of the benchmark protocol (shared/DESIGN.md); on CPU all in float32 (bench/stage.py).
 CASES = {
     "t5-base-fp32": StageCase(32, 256, 32128, 768, 60, 30, torch.float32),
     "t5-base-bf16": StageCase(32, 256, 32128, 768, 60, 30, torch.bfloat16),
@@ -74,7 +74,7 @@ def make_inputs(case: StageCase, device: torch.device, seed: int = 0) -> dict:
 @pytest.mark.parametrize("name", CASES)
 def test_dept_stage(benchmark, device, copy_gbps, name, mode, provider):
     skip_unless_available(provider, device)
-    case = CASES[name]
+    case = device_case(name, CASES, device)
     inputs = make_inputs(case, device)
     fn = compiled(dept_embedding_reference) if provider == "compile" else FUNCTIONS[provider]
     bench_stage(benchmark, device, copy_gbps, kind="dept-stage", case=name, mode=mode, provider=provider,

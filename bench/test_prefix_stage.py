@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dept_fast import FusedPrefixEncoder
 from dept_fast.ops import prefix_kv_reference
 
-from .stage import MODES, PROVIDERS, bench_stage, compiled, per_mode, skip_unless_available
+from .stage import MODES, PROVIDERS, bench_stage, compiled, device_case, per_mode, skip_unless_available
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class PrefixCase:
         return per_mode(forward, backward)
 
 
+# On CPU all in float32 (bench/stage.py).
 CASES = {
     # T5-base: one attention stack's prefixes (apply_prefix_tuning gives the encoder and decoder one each).
     "t5-base-fp32": PrefixCase(100, 12, 12, 64, 768, 512, torch.float32),
@@ -71,7 +72,7 @@ def eager_prefix_stage(embedding: torch.Tensor, w_in: torch.Tensor, b_in: torch.
 @pytest.mark.parametrize("name", CASES)
 def test_prefix_stage(benchmark, device, copy_gbps, name, mode, provider):
     skip_unless_available(provider, device, ON_CUDA_SAME_AS_FUSED if device.type == "cuda" else None)
-    case = CASES[name]
+    case = device_case(name, CASES, device)
     torch.manual_seed(0)  # nn.Embedding / nn.Linear default init: random, never zeros
     encoder = FusedPrefixEncoder(case.prefix_len, case.layers, case.kv_heads, case.head_dim,
                                  projection_dim=case.mid, embed_dim=case.embed_dim, dtype=case.dtype, device=device)
