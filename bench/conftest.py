@@ -5,6 +5,7 @@ bench.report``). Unlike tests/, this never switches the Triton interpreter on: i
 kernels run orders of magnitude slower than compiled ones, so their timings mean nothing, and a
 session that has ``TRITON_INTERPRET=1`` set skips every benchmark.
 """
+import importlib.util
 import os
 import platform
 import shlex
@@ -15,6 +16,25 @@ import pytest
 import torch
 
 from . import measure, report, stage
+
+CHECKOUT_KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "")
+
+
+def hide_checkout_kernels() -> None:
+    """Keep the checkout's top-level ``kernels/`` folder from answering to ``import kernels``.
+
+    bench/ is a package, so pytest puts the checkout root first on ``sys.path`` to import it, and
+    there the folder (installed as ``dept_fast.kernels``) would be found under the name of a PyPI
+    package that transformers probes for and then imports: without triton that import fails, and
+    ``from transformers import ...`` with it. Where the name resolves to that folder, it is marked
+    absent (the PyPI package, if installed, is shadowed in this session anyway).
+    """
+    spec = importlib.util.find_spec("kernels")
+    if spec is not None and (spec.origin or "").startswith(CHECKOUT_KERNELS):
+        sys.modules["kernels"] = None
+
+
+hide_checkout_kernels()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session, in under 10 minutes: the test suite on CUDA, the benchmarks, the report.
 #
-#   OUT=<folder> PYTHONPATH=. bash bench/gpu_session.sh        # from the repository root
+#   OUT=<folder> bash bench/gpu_session.sh        # from the repository root
 #
 # Needs a CUDA machine with torch, triton, transformers, pytest, pytest-benchmark and matplotlib
-# installed; installs nothing. Everything it produces goes to $OUT (5 files):
+# installed. Installs this checkout and nothing else (`pip install --no-deps --no-build-isolation
+# -e .`, offline). Never put the checkout root on PYTHONPATH: there its top-level kernels/ folder
+# answers to `import kernels`, the name of a PyPI package that transformers probes for and imports
+# (without triton that import fails, and `from transformers import ...` with it). Installed, the
+# folder is `dept_fast.kernels` only. Everything it produces goes to $OUT (5 files):
 #   gpu_session.log      all output, step by step
 #   bench_stage.json     pytest-benchmark JSON of the stage suites (bench/test_*stage*.py)
 #   bench_model.json     pytest-benchmark JSON of the model-level suites (every other bench/ suite)
@@ -13,20 +17,26 @@
 # Copy RESULTS.md and speedup_cuda.png into bench/ and commit them. Each step has a time limit;
 # a step that reaches it gets SIGINT, so pytest still writes the JSON of what it measured.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that receives the logs and results}"
 mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}  # on the device machines the python3 on PATH is the one with torch
 unset TRITON_INTERPRET  # compiled kernels only: interpreter timings are meaningless
 LOG="$OUT/gpu_session.log"
+# Every step runs in an empty folder: `python -m` and `python -` put the working directory first on
+# sys.path (and a relative PYTHONPATH entry such as `.` resolves against it), so not the checkout root.
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
 failed=()
 
 step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, log it, remember a failure
     local name=$1 limit=$2
     shift 2
     echo "=== $(date -u +%FT%TZ) $name: $* (limit ${limit}s)" | tee -a "$LOG"
-    timeout -s INT -k 20 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    (cd "$SCRATCH" && timeout -s INT -k 20 "$limit" "$@") 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     local why=""
     [ "$rc" -eq 124 ] && why=" = time limit reached, interrupted by SIGINT"
@@ -34,24 +44,30 @@ step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, log it, reme
     [ "$rc" -eq 0 ] || failed+=("$name (exit $rc$why)")
 }
 
-step environment 20 "$PY" - <<'EOF'
-import subprocess, sys
+# Limits add up to 570 s (+20 s grace per interrupted step) for a 600 s device command.
+step install 25 "$PY" -m pip install --no-deps --no-build-isolation --no-input -q -e "$ROOT"
+step environment 25 "$PY" - "$ROOT" <<'EOF'
+import importlib.util, os, subprocess, sys
 import torch, triton, transformers
+import dept_fast
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__,
-      "| transformers", transformers.__version__, "| CUDA", torch.version.cuda)
+      "| transformers", transformers.__version__, "| CUDA", torch.version.cuda, "| dept_fast in",
+      os.path.dirname(dept_fast.__file__))
+kernels = importlib.util.find_spec("kernels")
+if kernels is not None and (kernels.origin or "").startswith(os.path.join(sys.argv[1], "")):
+    sys.exit(f"`import kernels` finds {kernels.origin}: take the checkout root off PYTHONPATH")
 if not torch.cuda.is_available():
     sys.exit("no CUDA device visible: this script is for a GPU machine")
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))
 print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
 EOF
-if [ ${#failed[@]} -ne 0 ]; then echo "environment check failed; stopping" | tee -a "$LOG"; exit 1; fi
+if [ ${#failed[@]} -ne 0 ]; then echo "install or environment check failed; stopping" | tee -a "$LOG"; exit 1; fi
 
-# Limits add up to 540 s (+20 s grace per interrupted step) for a 600 s device command.
 # The whole test suite runs on CUDA here: the device fixture and the gpu-marked tests switch on.
-step tests 120 "$PY" -m pytest tests -q -p no:cacheprovider
+step tests 120 "$PY" -m pytest "$ROOT/tests" -q -p no:cacheprovider
 
 # Stage suites are the bench/ tests whose names contain "stage"; all others are model-level.
-BENCH=("$PY" -m pytest bench --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.2
+BENCH=("$PY" -m pytest "$ROOT/bench" --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.2
        --benchmark-columns=min,median,max,rounds --benchmark-sort=name)
 step bench-stage 180 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
 # Model-level: test_model_step.py, test_shared_prompt_step.py, test_prefix_peft_step.py (26 steps).
@@ -60,7 +76,7 @@ step bench-model 190 "${BENCH[@]}" -k "not stage" --benchmark-json="$OUT/bench_m
 jsons=()
 for f in "$OUT/bench_stage.json" "$OUT/bench_model.json"; do [ -s "$f" ] && jsons+=("$f"); done
 if [ ${#jsons[@]} -ne 0 ]; then
-    step report 30 "$PY" -m bench.report "${jsons[@]}" --results bench/RESULTS.md
+    step report 30 "$PY" "$ROOT/bench/report.py" "${jsons[@]}" --results "$ROOT/bench/RESULTS.md"
     cp bench/RESULTS.md "$OUT/RESULTS.md"
     [ -f bench/speedup_cuda.png ] && cp bench/speedup_cuda.png "$OUT/speedup_cuda.png"
 else

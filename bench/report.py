@@ -41,7 +41,7 @@ outside the blocks is kept. How every number is measured: `bench/measure.py`.
 """
 NO_RUN = {
     "cuda": "No GPU run recorded yet: there are no GPU numbers. On a CUDA machine run "
-            "`PYTHONPATH=. OUT=<folder> bash bench/gpu_session.sh`, then copy `RESULTS.md` and "
+            "`OUT=<folder> bash bench/gpu_session.sh`, then copy `RESULTS.md` and "
             "`speedup_cuda.png` from that folder into `bench/`.",
     "cpu": "No CPU run recorded yet. Run `pytest bench --benchmark-only --benchmark-json=cpu.json` "
            "then `python -m bench.report cpu.json`.",
