@@ -1,7 +1,8 @@
 """Prompt tuning vs DePT at the same parameter budget, on a tiny GPT-2 built from a config.
 
-    python examples/train_dept.py                # ~15 s on 2 CPU cores
+    python examples/train_dept.py                # ~20 s on one CPU thread (README: measured times)
     python examples/train_dept.py --steps 20     # a quick look
+    python examples/train_dept.py --threads 0    # torch's default thread count (one per core)
 
 The frozen base model is randomly initialised (nothing is downloaded); the task is language
 modelling of sequences from a fixed random Markov chain over a small part of the vocabulary, so
@@ -9,6 +10,10 @@ the loss falls from ln(vocab) as the soft prompt (and, for DePT, the position-wi
 update of the input embeddings) learn to steer the frozen model. DePT's (m, r) comes from
 ``dept_fast.budget`` so both adapters train the same number of parameters. On a GPU the DePT
 embedding stage runs the fused Triton kernels; on a CPU its PyTorch reference.
+
+The model is tiny, so on a CPU the example runs on one thread by default: more threads gain
+little here, and torch's default (a thread per core, each waiting for the others at every op)
+slows many-fold when another process keeps one of the cores busy.
 """
 import argparse
 import time
@@ -30,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr-lowrank", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's CPU threads during the run (0: leave torch's count, by default one per core)")
     return parser.parse_args(argv)
 
 
@@ -81,11 +88,24 @@ def train(name: str, num_prompt_tokens: int, rank: int, args: argparse.Namespace
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     window = max(1, min(10, args.steps // 5))
     return {"name": name, "trainable": trainable, "first": sum(losses[:window]) / window,
-            "last": sum(losses[-window:]) / window, "seconds": time.perf_counter() - start}
+            "last": sum(losses[-window:]) / window, "seconds": time.perf_counter() - start,
+            "threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> list:
+    """Train both adapters, print and return their results; torch's thread count is restored after."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return compare(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def compare(args: argparse.Namespace) -> list:
+    """Prompt tuning with ``args.prompt_len`` tokens, then DePT at the same budget."""
     hidden = base_model(args.seed).config.n_embd
     pairs = budget(args.prompt_len, args.length, hidden)[1:]  # [0] is (l, 0): prompt tuning itself
     if not pairs:
@@ -93,7 +113,8 @@ def main(argv=None) -> list:
                          f"s={args.length}, d={hidden}; try another --prompt-len or --length")
     m, r = min(pairs, key=lambda pair: abs(pair[0] - 0.6 * args.prompt_len))  # the paper's m ~ 0.6 l
     results = [train("prompt tuning", args.prompt_len, 0, args), train("DePT", m, r, args)]
-    print(f"\nbudget l={args.prompt_len}, s={args.length}, d={hidden}; device {args.device}")
+    print(f"\nbudget l={args.prompt_len}, s={args.length}, d={hidden}; device {args.device}, "
+          f"{torch.get_num_threads()} CPU thread(s)")
     for res in results:
         print(f"{res['name']:>14}: {res['trainable']:,} trainable, loss {res['first']:.3f} -> {res['last']:.3f} "
               f"in {res['seconds']:.1f} s")

@@ -1,7 +1,10 @@
-"""examples/train_dept.py runs (few steps, small shapes) and its loss falls for PT and DePT."""
+"""examples/train_dept.py runs (few steps, small shapes), its loss falls for PT and DePT, and it runs on
+the CPU threads it is given, leaving torch's thread count as it found it."""
 import importlib.util
 import math
 import pathlib
+
+import torch
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_dept.py"
 
@@ -10,7 +13,10 @@ def test_training_example_runs_and_loss_falls():
     spec = importlib.util.spec_from_file_location("train_dept", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
     results = example.main(["--steps", "30", "--batch", "8", "--length", "16", "--prompt-len", "10"])
+    assert torch.get_num_threads() == threads
+    assert [r["threads"] for r in results] == [1, 1]  # the default: one thread
     assert [r["name"] for r in results] == ["prompt tuning", "DePT"]
     assert results[0]["trainable"] == results[1]["trainable"]  # budget() matched the parameter counts
     for r in results:
