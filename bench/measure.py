@@ -7,6 +7,10 @@ id-range check that syncs). pytest-benchmark's own statistics (its terminal tabl
 in its JSON) time the same call on the host clock, each call followed by
 ``torch.cuda.synchronize()``, so on CUDA they include launch and sync overhead; on CPU they are
 the measurement and ``ms`` is their median. Every record names the timer that gave its ``ms``.
+On CPU the number of rounds comes from the warm-up call and is bounded (:func:`cpu_rounds`), not
+from pytest-benchmark's calibration, which fixes it up front as ``max_time`` over one trial call,
+with no upper bound: on a loaded CPU a 0.1 ms op then ran thousands of rounds of up to 100 ms
+each, tens of seconds per benchmark.
 
 Memory. On CUDA "peak extra" is ``torch.cuda.max_memory_allocated()`` during one call minus what
 was allocated just before it (inputs, weights and, in backward mode, the saved forward graph).
@@ -26,6 +30,10 @@ import torch
 
 # Every measure() call appends its record here; conftest.py prints them as the closing summary.
 RECORDS: List[Dict] = []
+
+# CPU rounds: as many as fit in CPU_ROUNDS_S after the warm-up call, within CPU_ROUNDS_RANGE.
+CPU_ROUNDS_S = 0.5
+CPU_ROUNDS_RANGE = (3, 100)
 
 DEVICE_TIMER = "CUDA-event median (triton.testing.do_bench)"
 WALL_TIMER = "wall-clock median (pytest-benchmark)"
@@ -61,6 +69,12 @@ def time_ms(run: Callable[[], object], device: torch.device, warmup_ms: float = 
         run()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def cpu_rounds(warmup_s: float) -> int:
+    """Rounds of a CPU benchmark whose warm-up call took ``warmup_s`` seconds."""
+    low, high = CPU_ROUNDS_RANGE
+    return max(low, min(high, int(CPU_ROUNDS_S / max(warmup_s, 1e-9))))
 
 
 def _drop_grads(tensors: Sequence[torch.Tensor]) -> None:
@@ -108,7 +122,9 @@ def measure(benchmark, run: Callable[[], object], device: torch.device, info: Di
         record.update(ms=time_ms(run, device, warmup_ms, rep_ms, grad_to_none), timer=DEVICE_TIMER,
                       peak_extra_bytes=_peak_extra_bytes(run, grad_to_none))
     else:
+        start = time.perf_counter()
         run()  # warm-up outside pytest-benchmark's rounds
+        warmup_s = time.perf_counter() - start
 
     def synced_run():
         _drop_grads(grad_to_none)
@@ -116,7 +132,10 @@ def measure(benchmark, run: Callable[[], object], device: torch.device, info: Di
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    benchmark(synced_run)
+    if device.type == "cuda":
+        benchmark(synced_run)
+    else:
+        benchmark.pedantic(synced_run, rounds=cpu_rounds(warmup_s), iterations=1)
     stats = getattr(benchmark, "stats", None)
     wall_ms = stats.stats.median * 1e3 if stats is not None else None
     record["wall_ms"] = wall_ms

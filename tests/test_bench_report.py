@@ -1,21 +1,15 @@
 """bench/report.py on synthetic records: the targets' verdicts, the step tables, and the RESULTS.md
 rewrite that must keep every line outside its own block (no GPU or benchmark run needed)."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import bench_modules
 
 
 @pytest.fixture(scope="module")
 def report():
-    # By path: the repository root is not importable as such (its kernels/ would shadow PyPI's `kernels`).
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load("report")
 
 
 def stage(case, mode, provider, ms, device="NVIDIA H100 80GB HBM3", **extra):
