@@ -50,11 +50,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config) -> Optional[str]:
+    """On CPU, what the smoke run changes from the GPU protocol (shown unless -q)."""
     if measure.bench_device().type == "cuda":
         return None
+    low, high = measure.CPU_ROUNDS_RANGE
     return (f"dept_fast benchmarks on CPU ({torch.get_num_threads()} threads), a smoke run: every stage case in "
             f"{str(stage.CPU_DTYPE)[6:]} (not bf16), model shapes scaled down, torch.compile and the fused "
-            f"kernels skipped")
+            f"kernels skipped; rounds: as many as fit in {measure.CPU_ROUNDS_S} s after a warm-up call, "
+            f"{low} to {high} (not the benchmark defaults above)")
 
 
 @pytest.fixture(scope="session")
