@@ -63,15 +63,19 @@ print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
 EOF
 if [ ${#failed[@]} -ne 0 ]; then echo "install or environment check failed; stopping" | tee -a "$LOG"; exit 1; fi
 
-# The whole test suite runs on CUDA here: the device fixture and the gpu-marked tests switch on.
-step tests 120 "$PY" -m pytest "$ROOT/tests" -q -p no:cacheprovider
+# What needs the GPU: the gpu-marked tests, then the kernel parity suites, whose device fixture is
+# CUDA here (compiled kernels instead of the interpreter). CI runs everything else on CPU.
+step gpu-tests 70 "$PY" -m pytest "$ROOT/tests" -q -p no:cacheprovider -m gpu
+step parity 40 "$PY" -m pytest "$ROOT/tests/test_dept_parity.py" "$ROOT/tests/test_mixed_parity.py" \
+    "$ROOT/tests/test_prefix_kv_parity.py" -q -p no:cacheprovider
 
 # Stage suites are the bench/ tests whose names contain "stage"; all others are model-level.
 BENCH=("$PY" -m pytest "$ROOT/bench" --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.2
        --benchmark-columns=min,median,max,rounds --benchmark-sort=name)
-step bench-stage 180 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
-# Model-level: test_model_step.py, test_shared_prompt_step.py, test_prefix_peft_step.py (26 steps).
-step bench-model 190 "${BENCH[@]}" -k "not stage" --benchmark-json="$OUT/bench_model.json"
+step bench-stage 150 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
+# Model-level: test_model_step.py, test_shared_prompt_step.py, test_prefix_peft_step.py,
+# test_mixed_batch_step.py (32 steps).
+step bench-model 230 "${BENCH[@]}" -k "not stage" --benchmark-json="$OUT/bench_model.json"
 
 jsons=()
 for f in "$OUT/bench_stage.json" "$OUT/bench_model.json"; do [ -s "$f" ] && jsons+=("$f"); done

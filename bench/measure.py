@@ -98,7 +98,8 @@ def _peak_extra_bytes(run: Callable[[], object], grad_to_none: Sequence[torch.Te
 
 def measure(benchmark, run: Callable[[], object], device: torch.device, info: Dict, *,
             grad_to_none: Sequence[torch.Tensor] = (), bytes_moved: Optional[int] = None,
-            copy_gbps: Optional[float] = None, warmup_ms: float = 25, rep_ms: float = 100) -> Dict:
+            copy_gbps: Optional[float] = None, warmup_ms: float = 25, rep_ms: float = 100,
+            rounds: Optional[int] = None) -> Dict:
     """Time ``run`` and record the result in ``benchmark.extra_info`` (and :data:`RECORDS`).
 
     Args:
@@ -113,12 +114,16 @@ def measure(benchmark, run: Callable[[], object], device: torch.device, info: Di
         bytes_moved: fewest bytes the op must move, for GB/s and % of the copy ceiling.
         copy_gbps: the copy ceiling measured in this session.
         warmup_ms, rep_ms: do_bench's warm-up and repetition budgets (ms).
+        rounds: for work that takes seconds (``generate()``): one warm-up call, then this many
+            calls on the host clock (synchronised on CUDA), on every device; no memory peak.
 
     Returns:
         The record (also in ``benchmark.extra_info``).
     """
     record = dict(info, device=_device_name(device), bytes=bytes_moved, copy_gbps=copy_gbps)
-    if device.type == "cuda":
+    if rounds is not None:
+        run()
+    elif device.type == "cuda":
         record.update(ms=time_ms(run, device, warmup_ms, rep_ms, grad_to_none), timer=DEVICE_TIMER,
                       peak_extra_bytes=_peak_extra_bytes(run, grad_to_none))
     else:
@@ -132,14 +137,16 @@ def measure(benchmark, run: Callable[[], object], device: torch.device, info: Di
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    if device.type == "cuda":
+    if rounds is not None:
+        benchmark.pedantic(synced_run, rounds=rounds, iterations=1)
+    elif device.type == "cuda":
         benchmark(synced_run)
     else:
         benchmark.pedantic(synced_run, rounds=cpu_rounds(warmup_s), iterations=1)
     stats = getattr(benchmark, "stats", None)
     wall_ms = stats.stats.median * 1e3 if stats is not None else None
     record["wall_ms"] = wall_ms
-    if device.type != "cuda":
+    if device.type != "cuda" or rounds is not None:
         record.update(ms=wall_ms, timer=WALL_TIMER)
     benchmark.extra_info.update(record)
     RECORDS.append(record)

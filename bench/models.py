@@ -5,7 +5,7 @@ no optimizer. On CUDA the shapes are the benchmark protocol's (T5-base at b 32, 
 8-layer decoder); on CPU they are scaled down so that a smoke run stays short, and every record
 says so. Suites import :data:`MODEL_CASES` and :func:`step_runner`.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -73,6 +73,23 @@ CPU_CASES = {
                                 prefix_mid=32, dtype=torch.float32, scaled=True),
 }
 MODEL_CASES = GPU_CASES if torch.cuda.is_available() else CPU_CASES
+
+SHRINK = 1 if torch.cuda.is_available() else 4
+"""How much the decoder suites shrink L, m and r (and the token counts they generate) on CPU."""
+DECODER = MODEL_CASES["llama-decoder"]
+"""The decoder the shared-prompt, mixed-batch and prompt-reuse suites run: LLAMA_8L in bf16 on CUDA;
+on CPU 4 layers d 256 (GQA 8/2 heads) at b 8 in fp32, large enough that compute, not Python,
+dominates a step."""
+if DECODER.scaled:
+    DECODER = replace(DECODER, batch=8, config=dict(DECODER.config, hidden_size=256, intermediate_size=688,
+                                                    num_hidden_layers=4, num_attention_heads=8,
+                                                    num_key_value_heads=2))
+
+
+def decoder_case(length: int, prompt: int, rank: int, batch: Optional[int] = None) -> ModelCase:
+    """:data:`DECODER` at input length L, DePT m and r (each divided by :data:`SHRINK`), batch b."""
+    return replace(DECODER, seq_len=length // SHRINK, prompt_len=prompt // SHRINK, dept_prompt=prompt // SHRINK,
+                   dept_rank=rank // SHRINK, batch=batch or DECODER.batch)
 
 
 def build_model(case: ModelCase, device: torch.device) -> nn.Module:

@@ -194,18 +194,22 @@ def targets(records: List[Dict]) -> List[Tuple[str, str, str]]:
                            r["peak_extra_bytes"] <= allowed))
     judge("Peak extra memory of the fused forward = the output tensor alone", checks)
 
-    steps = step_groups(cuda, "shared-prompt-step")
-
-    def step_ratio(model, slow, fast, limit, at_least):
-        methods = steps.get(model, {})
+    def step_ratio(kind, model, slow, fast, limit, at_least):
+        methods = step_groups(cuda, kind).get(model, {})
         x = _ratio(methods.get(slow, {}).get("ms"), methods.get(fast, {}).get("ms"))
         text = f"{model}: {slow} / {fast} = {_fmt(x, '.2f', '×')}"
         return text, None if x is None else (x >= limit if at_least else x <= limit)
 
+    shared = "shared-prompt-step"
     judge("Shared-prompt step within 1.1× of the no-prompt step",
-          [step_ratio(model, "shared", "no-prompt", 1.1, False) for model in steps])
+          [step_ratio(shared, model, "shared", "no-prompt", 1.1, False) for model in step_groups(cuda, shared)])
     judge("Shared-prompt step ≥ 1.3× faster than the prompt in every row at L 256, m 100",
-          [step_ratio("L256-m100-r0", "every-row", "shared", 1.3, True)])
+          [step_ratio(shared, "L256-m100-r0", "every-row", "shared", 1.3, True)])
+    mixed, modes = "mixed-batch-step", ("train-step", "generate")
+    judge("Mixed-task batch within 1.15× of a single-adapter batch of the same size",
+          [step_ratio(mixed, mode, "mixed", "single", 1.15, False) for mode in modes])
+    judge("Mixed-task batch ≥ 3× faster than one call per adapter",
+          [step_ratio(mixed, mode, "per-adapter", "mixed", 3, True) for mode in modes])
     return out
 
 

@@ -10,8 +10,6 @@ The targets (H100): shared within 1.1x of no-prompt, and >= 1.3x faster than eve
 L 256, m 100. On CPU the model and shapes are scaled down (still large enough that compute, not
 Python, dominates a step) and only the ratios mean anything.
 """
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
@@ -19,26 +17,13 @@ from torch import nn
 from dept_fast import apply_dept
 
 from .measure import measure
-from .models import MODEL_CASES, StepRun, build_model, make_batch, model_step
+from .models import StepRun, build_model, decoder_case, make_batch, model_step
 
 METHODS = ["no-prompt", "every-row", "shared"]
 BASELINE = {"every-row": "no-prompt", "shared": "every-row"}  # what each method is compared with
-_DECODER = MODEL_CASES["llama-decoder"]  # LLAMA_8L at b 8, bf16 on CUDA
-if _DECODER.scaled:  # CPU: 4 layers d 256 (GQA 8/2 heads), b 8, fp32
-    _DECODER = dataclasses.replace(_DECODER, batch=8, config=dict(
-        _DECODER.config, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2))
 # (L, m, r) on CUDA; on CPU each shrinks by 4.
 SIZES = [(256, 100, 0), (256, 60, 30), (1024, 100, 0), (1024, 60, 30)]
-
-
-def _case(length: int, prompt: int, rank: int):
-    shrink = 4 if _DECODER.scaled else 1
-    return dataclasses.replace(_DECODER, seq_len=length // shrink, prompt_len=prompt // shrink,
-                               dept_prompt=prompt // shrink, dept_rank=rank // shrink)
-
-
-CASES = {f"L{length}-m{prompt}-r{rank}": _case(length, prompt, rank) for length, prompt, rank in SIZES}
+CASES = {f"L{length}-m{prompt}-r{rank}": decoder_case(length, prompt, rank) for length, prompt, rank in SIZES}
 
 
 def step_runner(method: str, case, device: torch.device) -> StepRun:

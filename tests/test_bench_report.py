@@ -81,3 +81,20 @@ def test_main_writes_results_without_a_cpu_plot(report, tmp_path):
     assert report.main([str(path), "--results", str(tmp_path / "RESULTS.md")]) == 0
     assert "| m | no-prompt |" in (tmp_path / "RESULTS.md").read_text()
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_mixed_batch_targets(report):
+    def mixed(mode, method, ms, baseline=None):
+        return step(mode, method, ms, baseline, kind="mixed-batch-step")
+
+    records = [mixed(mode, "single", 10.0) for mode in ("train-step", "generate")]
+    records += [mixed("train-step", "mixed", 11.0, "single"), mixed("train-step", "per-adapter", 40.0, "mixed"),
+                mixed("generate", "mixed", 12.0, "single"), mixed("generate", "per-adapter", 30.0, "mixed")]
+    got = verdicts(report, records)
+    assert got["Mixed-task batch within 1.15× of a single-adapter batch of the same size"] == "NOT met"  # 1.2x
+    assert got["Mixed-task batch ≥ 3× faster than one call per adapter"] == "NOT met"  # generate: 2.5x
+    records[4:] = [mixed("generate", "mixed", 11.0, "single"), mixed("generate", "per-adapter", 33.0, "mixed")]
+    got = verdicts(report, records)
+    assert got["Mixed-task batch within 1.15× of a single-adapter batch of the same size"] == "met"
+    assert got["Mixed-task batch ≥ 3× faster than one call per adapter"] == "met"
+    assert verdicts(report, records[:2])["Mixed-task batch ≥ 3× faster than one call per adapter"] == "not measured"
