@@ -24,6 +24,7 @@ CONTAINERS = {DEPT: "dept_adapters", PREFIX: "prefix_adapters"}
 """Adapter kind -> the ``nn.ModuleDict`` on the model that holds its adapters by name."""
 ALIASES = {DEPT: "dept", PREFIX: "prefix_tuning"}
 """Adapter kind -> the model attribute naming the active adapter of that kind."""
+KIND_NAMES = {DEPT: "DePT", PREFIX: "prefix-tuning"}
 ACTIVE_ATTR = "_dept_fast_active"
 NAMES_KWARG = "adapter_names"
 _generating_names: ContextVar[Optional[List[str]]] = ContextVar("dept_fast_adapter_names", default=None)
@@ -91,15 +92,12 @@ def adapter_names(model: nn.Module) -> List[str]:
 def add_adapter(model: nn.Module, kind: str, name: str, adapter: nn.Module) -> bool:
     """Register ``adapter`` as ``name`` of ``kind`` (the first adapter of a model becomes active).
     Returns whether it is the model's first adapter of this kind (its hooks are then needed)."""
-    check_name(name)
+    refuse_taken(model, kind, name)
     container = model._modules.get(CONTAINERS[kind])
     first = container is None
     if first:
         container = nn.ModuleDict()
         model.add_module(CONTAINERS[kind], container)
-    if name in container:
-        raise ValueError(f"{type(model).__name__} already has a {ALIASES[kind]} adapter named {name!r} "
-                         f"(model.{CONTAINERS[kind]}[{name!r}]); attach under another adapter_name")
     container[name] = adapter
     if active_adapter(model) is None:
         model.__dict__[ACTIVE_ATTR] = name
@@ -129,9 +127,14 @@ def _update_aliases(model: nn.Module) -> None:
             model.__dict__[alias] = adapter
 
 
-def check_name(name: str) -> None:
+def refuse_taken(model: nn.Module, kind: str, name: str) -> None:
+    """Raise ValueError unless ``name`` is a valid adapter name that ``model`` has no ``kind`` adapter
+    under (callers check before building or reading an adapter, :func:`add_adapter` again)."""
     if not isinstance(name, str) or not name or name == BASE or "." in name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', other than {BASE!r}; got {name!r}")
+    if name in adapters_of(model, kind):
+        raise ValueError(f"{type(model).__name__} already has a {KIND_NAMES[kind]} adapter named {name!r} "
+                         f"(model.{CONTAINERS[kind]}[{name!r}]); attach under another adapter_name")
 
 
 def row_adapters(model: nn.Module, kind: str, names: Optional[Sequence[str]], batch: int,

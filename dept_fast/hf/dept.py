@@ -38,7 +38,7 @@ from torch import nn
 from ..checkpoint.dept import adapter_config, build_embedding, read_checkpoint
 from ..distributed import refuse_sharded, refuse_zero3, zero3_module
 from ..modules.dept_embedding import FusedDePTEmbedding, mixed_dept_embedding
-from .adapters import DEPT, call_names, PREFIX, RowAdapters, adapters_of, check_name, row_adapters
+from .adapters import DEPT, PREFIX, RowAdapters, adapters_of, call_names, refuse_taken, row_adapters
 from .attach import attach, forward_arguments
 from .positions import cached_length, generation_cache, positions_are_columns, token_positions
 from .route import prefix_route, route_of
@@ -102,7 +102,7 @@ def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Opt
     """
     refuse_sharded(model)
     word_embeddings = _word_embeddings(model)
-    _refuse_taken(model, adapter_name)
+    refuse_taken(model, DEPT, adapter_name)
     checkpoint = read_checkpoint(path, word_embeddings.embedding_dim, max_length, adapter_name)
     config = checkpoint.config
     limit = _position_limit(model)
@@ -137,15 +137,8 @@ def _check_position_limit(model: nn.Module, num_prompt_tokens: int, max_length: 
                          f"to at most {limit - num_prompt_tokens}")
 
 
-def _refuse_taken(model: nn.Module, name: str) -> None:
-    check_name(name)
-    if name in adapters_of(model, DEPT):
-        raise ValueError(f"{type(model).__name__} already has a DePT adapter named {name!r} "
-                         f"(model.dept_adapters[{name!r}]); attach under another adapter_name")
-
-
 def _attach(model: nn.Module, name: str, adapter: FusedDePTEmbedding, share_prompt: Optional[bool]) -> nn.Module:
-    _refuse_taken(model, name)
+    refuse_taken(model, DEPT, name)
     if share_prompt not in (None, True, False):
         raise TypeError(f"share_prompt must be None, True or False, got {share_prompt!r}")
     # Rank 0 leaves A (s x 0) and B (0 x d) empty: frozen, so DDP and optimizers never wait on them.

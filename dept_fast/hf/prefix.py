@@ -22,7 +22,7 @@ from ..checkpoint.prefix import PrefixCheckpoint, adapter_config, read_prefix_ch
 from ..distributed import refuse_sharded, zero3_module
 from ..modules.prefix_encoder import FusedPrefixEncoder
 from ..modules.prefix_tuning import PrefixTuning
-from .adapters import DEPT, call_names, PREFIX, adapters_of, check_name, row_adapters
+from .adapters import DEPT, PREFIX, adapters_of, call_names, refuse_taken, row_adapters
 from .attach import attach, forward_arguments, prefix_pass
 from .attention import KeyValue
 from .dept import DEFAULT_NAME, decoder_inputs
@@ -65,7 +65,7 @@ def load_prefix_tuning(model: nn.Module, path: PathLike, adapter_name: str = DEF
     adapter of that name). Raises ValueError when the checkpoint's layers, heads or head width do
     not match the model's."""
     refuse_sharded(model)
-    _refuse_taken(model, adapter_name)
+    refuse_taken(model, PREFIX, adapter_name)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     return _attach(model, adapter_name, read_prefix_checkpoint(path, encoder_decoder, adapter_name))
 
@@ -75,16 +75,9 @@ def _hidden_size(model: nn.Module) -> Optional[int]:
     return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
 
 
-def _refuse_taken(model: nn.Module, name: str) -> None:
-    check_name(name)
-    if name in adapters_of(model, PREFIX):
-        raise ValueError(f"{type(model).__name__} already has a prefix-tuning adapter named {name!r} "
-                         f"(model.prefix_adapters[{name!r}]); attach under another adapter_name")
-
-
 def _attach(model: nn.Module, name: str, spec: Union[Tuple[int, Optional[int]], PrefixCheckpoint]) -> nn.Module:
     """Attach fresh prefixes (``spec`` = (prefix_len, projection_dim)) or a checkpoint's."""
-    _refuse_taken(model, name)
+    refuse_taken(model, PREFIX, name)
     dept = adapters_of(model, DEPT)[name] if name in adapters_of(model, DEPT) else None
     if getattr(dept, "share_prompt", False):
         raise ValueError(f"{type(model).__name__} has a DePT adapter named {name!r} sharing its prompt's keys/values, "

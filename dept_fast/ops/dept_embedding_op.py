@@ -167,7 +167,9 @@ def pack_adapters(prompts: Sequence[torch.Tensor], lora_As: Sequence[torch.Tenso
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in (*lora_As, *lora_Bs)])
     sizes = tuple((p.shape[0], a.shape[0]) for p, a in zip(prompts, lora_As))
     device = prompts[0].device
-    scaling = torch.tensor([float(s) for s in scalings], dtype=torch.float32, device=device)
+    # Filled on the device, not copied from a host list: no host synchronisation (generation steps
+    # take this path once per token).
+    scaling = torch.stack([torch.full((), float(s), dtype=torch.float32, device=device) for s in scalings])
     if len(prompts) == 1:
         return PackedAdapters(prompts[0][None], lora_As[0][None].to(dtype), lora_Bs[0][None].to(dtype), scaling, sizes)
     prompt_dtype = functools.reduce(torch.promote_types, [p.dtype for p in prompts])
