@@ -1,28 +1,34 @@
 """Fused DePT embedding stage, backward: the upstream gradient is read exactly once.
 
-With G = dLoss/dout of shape (b, m + L, d), row i taking adapter a(i) (one adapter: a(i) = 0), and
-R_a = {i : a(i) = a} the rows of adapter a:
+With G = dLoss/dout of shape (b, m + L, d), row i taking adapter a(i) (one adapter: a(i) = 0),
+R_a = {i : a(i) = a} the rows of adapter a, and c the forward's ``embed_scale`` (out[i, m + t] =
+c E[ids[i, t]] + s_a (A_a B_a)[t]):
 
     S_a[j]    = sum over i in R_a of G[i, j]          (fp32, every position j < m + L)
     dP_a      = S_a[:m]
     Gs_a      = S_a[m:]                                (the input positions)
     dA_a[:L]  = s_a * Gs_a @ B_a^T,   dA_a[L:] = 0
     dB_a      = s_a * A_a[:L]^T @ Gs_a
-    dE[v]     = sum over (i, t) with ids[i, t] = v of G[i, m + t]     (only if E requires grad)
+    dE[v]     = c * sum over (i, t) with ids[i, t] = v of G[i, m + t]     (only if E requires grad)
+
+(c enters dE alone: dP, dA, dB do not depend on it.)
 
 ``_dept_bwd_kernel`` streams G once: each program reduces its (BLOCK_T x BLOCK_D) tile over one
 segment of rows, all of one adapter (rows visited sorted by adapter: ``adapter_rows.sort_rows``),
 into fp32 registers and stores the partial sum S_a,g (no float atomics); with one adapter the
 segments are batch groups, with several each adapter's rows are split into the same number of
-groups. When dE is wanted it scatter-adds each G row into an fp32 dE buffer with relaxed atomics
-(no memory fences: nothing reads dE until the kernel ends). The row loop is software-pipelined
-(``tl.range(num_stages=STAGES)``: rows i + 1 .. i + STAGES - 1 are loading, by cp.async into shared
-memory, while row i is added), so every thread keeps 8-12 16-byte loads of G in flight instead of
-waiting on each row; the adds still run in row order, so the sums are the same bits as unpipelined.
-The partial sums are summed over groups, and the two rank-r products on each S_a are left to cuBLAS
-(batched over adapters, fp32). dP, dA and dB are therefore bit-for-bit deterministic; dE is
+groups. When dE is wanted it scatter-adds each G row, times c, into an fp32 dE buffer with relaxed
+atomics (no memory fences: nothing reads dE until the kernel ends); c's value is a runtime fp32
+argument, its use the constexpr ``EMBED_SCALED`` (c != 1), so c = 1 compiles to the kernel without a
+scale (a runtime multiply by 1 cost 6-8 registers on sm_80, fp32 +dE). The row loop is
+software-pipelined (``tl.range(num_stages=STAGES)``: rows i + 1 .. i + STAGES - 1 are loading, by
+cp.async into shared memory, while row i is added), so every thread keeps 8-12 16-byte loads of G in
+flight instead of waiting on each row; the adds still run in row order, so the sums are the same bits
+as unpipelined. The partial sums are summed over groups, and the two rank-r products on each S_a are
+left to cuBLAS (batched over adapters, fp32). dP, dA and dB are therefore bit-for-bit deterministic; dE is
 deterministic only through ``deterministic=True``, which replaces the atomics by PyTorch's
-sort-based embedding backward (a second read of G).
+sort-based embedding backward (a second read of G; with c != 1 it reads G in fp32, sums in fp32 and
+scales once, so dE is still rounded once to E's dtype).
 
 Memory: the partial sums are k x groups x (m + L) x d fp32. Groups are capped so that this stays
 below an eighth of G's bytes where it can (``plan_dept_backward``), but one slab per adapter is the
@@ -43,15 +49,15 @@ from .tiling import Plan, TileConfig, choose_tiles
 
 # Program (j-block, d-block, segment s = (a, g)), rows i of the segment in visiting order:
 #     S_a,g[j, :] = sum_i G[i, j, :]                         (fp32, added in row order: deterministic)
-#     dE[ids[i, t], :] += G[i, m + t, :]                     (SCATTER_EMB: relaxed fp32 atomics)
+#     dE[ids[i, t], :] += c * G[i, m + t, :]                 (SCATTER_EMB: relaxed fp32 atomics, c = embed_scale)
 # dept_backward then forms S_a = sum_g S_a,g, dP_a = S_a[:m], dA_a[:L] = s_a S_a[m:] B_a^T,
 # dB_a = s_a A_a[:L]^T S_a[m:] (batched over adapters, fp32).
 @triton.jit
 def _dept_bwd_kernel(
     grad_ptr, ids_ptr, order_ptr, runs_ptr, colsum_ptr, grad_emb_ptr,
     batch, seq_len, vocab, dim, n_prompt, groups,
-    stride_grad_b, stride_grad_t, stride_ids_b,
-    INDEXED: tl.constexpr, SCATTER_EMB: tl.constexpr,
+    stride_grad_b, stride_grad_t, stride_ids_b, embed_scale,
+    INDEXED: tl.constexpr, SCATTER_EMB: tl.constexpr, EMBED_SCALED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
@@ -85,7 +91,10 @@ def _dept_bwd_kernel(
         if SCATTER_EMB:
             b_ids = tl.load(p_ids, mask=m_t, other=-1).to(tl.int64)
             m_ok = m_t & (b_ids >= 0) & (b_ids < vocab)
-            tl.atomic_add(grad_emb_ptr + b_ids[:, None] * dim + o_d[None, :], b_g,
+            b_de = b_g
+            if EMBED_SCALED:
+                b_de = b_g * embed_scale
+            tl.atomic_add(grad_emb_ptr + b_ids[:, None] * dim + o_d[None, :], b_de,
                           mask=m_ok[:, None] & m_d[None, :], sem="relaxed")
         p_grad += stride_grad_b
         p_ids += stride_ids_b
@@ -95,32 +104,36 @@ def _dept_bwd_kernel(
 
 def plan_dept_backward(batch: int, n_pos: int, dim: int, element_size: int, scatter: bool,
                        sm_count: Optional[int], adapters: Optional[int] = None,
-                       tiles: Optional[TileConfig] = None) -> Plan:
+                       tiles: Optional[TileConfig] = None, embed_scaled: bool = False) -> Plan:
     """Grid and launch arguments of ``_dept_bwd_kernel`` for G of shape (batch, n_pos, dim) on a GPU with
     ``sm_count`` SMs (None: the interpreter); ``adapters``: k packed adapters, one per row (None: one
-    adapter); ``tiles`` overrides :func:`tiling.choose_tiles`. ``grid[2]`` is k x the groups per adapter;
+    adapter); ``tiles`` overrides :func:`tiling.choose_tiles`; ``embed_scaled``: the scattered dE rows are
+    multiplied by an ``embed_scale`` other than 1. ``grid[2]`` is k x the groups per adapter;
     the groups are capped at b x element_size / (32 k), so that the fp32 partial sums take at most an
     eighth of G's bytes when that leaves at least one group."""
     runs = adapters or 1
     tiles = tiles or choose_tiles(batch, n_pos, dim, element_size, sm_count, runs=runs,
                                   max_groups=max(1, batch * element_size // (32 * runs)))
     grid = (triton.cdiv(n_pos, tiles.block_t), triton.cdiv(dim, tiles.block_d), runs * tiles.groups)
-    return Plan(grid, dict(INDEXED=adapters is not None, SCATTER_EMB=scatter, BLOCK_T=tiles.block_t,
-                           BLOCK_D=tiles.block_d, STAGES=tiling._BWD_STAGES, num_warps=tiles.num_warps))
+    return Plan(grid, dict(INDEXED=adapters is not None, SCATTER_EMB=scatter,
+                           EMBED_SCALED=scatter and embed_scaled, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
+                           STAGES=tiling._BWD_STAGES, num_warps=tiles.num_warps))
 
 
 def dept_backward(
     grad_out: torch.Tensor, ids: torch.Tensor, vocab: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
     scaling: Union[float, torch.Tensor], n_prompt: int, prompt_dtype: torch.dtype, emb_dtype: Optional[torch.dtype],
-    deterministic: bool = False, rows: Optional[AdapterRows] = None, tiles: TileConfig = None,
+    deterministic: bool = False, rows: Optional[AdapterRows] = None, tiles: TileConfig = None, *,
+    embed_scale: float = 1.0,
 ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dE, dP, dA, dB) of the fused DePT stage from ``grad_out`` (b, m + L, d).
 
     One adapter (``rows`` None: lora_A (s, r), lora_B (r, d), a float ``scaling``) or k packed ones
     (lora_A (k, S, R), lora_B (k, R, d), ``scaling`` (k,) fp32, ``rows`` each row's adapter), as in
     :func:`dept_forward`; ``n_prompt`` is m (M). ``emb_dtype`` None means the embedding is frozen and dE
-    is not computed (returned None). dP (m, d) or (k, M, d), dA, dB come back in the dtypes of the
-    prompt (``prompt_dtype``), lora_A and lora_B, shaped as the adapter tensors.
+    is not computed (returned None); ``embed_scale`` is the forward's multiplier of E's rows, which dE
+    carries. dP (m, d) or (k, M, d), dA, dB come back in the dtypes of the prompt (``prompt_dtype``),
+    lora_A and lora_B, shaped as the adapter tensors.
     """
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
@@ -136,7 +149,7 @@ def dept_backward(
     grad_emb = torch.zeros((vocab, dim), dtype=torch.float32, device=device) if scatter else None
 
     plan = plan_dept_backward(batch, n_pos, dim, grad_out.element_size(), scatter, tiling._sm_count(device),
-                              adapters if indexed else None, tiles)
+                              adapters if indexed else None, tiles, embed_scaled=embed_scale != 1.0)
     groups = plan.grid[2] // adapters
     colsum = buffers.allocate((adapters, groups, n_pos, dim), torch.float32, device)
     if colsum.numel() and batch:
@@ -145,7 +158,7 @@ def dept_backward(
             grad_out, ids, rows.order if indexed else ids, rows.runs if indexed else ids,  # ids: never read
             colsum, grad_emb if scatter else colsum,
             batch, seq_len, vocab, dim, n_prompt, groups,
-            grad_out.stride(0), grad_out.stride(1), ids.stride(0))
+            grad_out.stride(0), grad_out.stride(1), ids.stride(0), float(embed_scale))
     else:
         colsum.zero_()
     col = colsum[:, 0] if groups == 1 else colsum.sum(1)
@@ -163,5 +176,10 @@ def dept_backward(
     if emb_dtype is None:
         return None, grad_prompt, grad_A, grad_B
     if deterministic:
-        grad_emb = torch.ops.aten.embedding_dense_backward(grad_out[:, n_prompt:], ids, vocab, -1, False)
+        grad_in = grad_out[:, n_prompt:]
+        if embed_scale != 1.0:  # fp32 sums, scaled once: one rounding to E's dtype, as the atomic path
+            grad_in = grad_in.float()
+        grad_emb = torch.ops.aten.embedding_dense_backward(grad_in, ids, vocab, -1, False)
+        if embed_scale != 1.0:
+            grad_emb.mul_(embed_scale)
     return grad_emb.to(emb_dtype), grad_prompt, grad_A, grad_B

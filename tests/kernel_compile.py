@@ -8,7 +8,8 @@ GPU with that target's SM count, and its exact arguments; each is then specialis
 does (pointer and int types, 16-divisibility, ints equal to 1 as constants) and compiled with
 ``triton.compile`` for the target. Registers and local memory (spills) come from ``cuobjdump
 -res-usage`` on the cubin. One case per kernel x dtype: fp32 and fp16 at T5-base, bf16 at Llama-7B
-dims. Must run without ``TRITON_INTERPRET`` (under it ``@triton.jit`` makes interpreter functions);
+dims, each DePT kernel also with a model's embedding multiplier (``embed_scale`` != 1, "c!=1"). Must
+run without ``TRITON_INTERPRET`` (under it ``@triton.jit`` makes interpreter functions);
 tests/test_kernel_compile.py runs it in a subprocess. Prints ``{"skip": reason}`` where Triton's
 CUDA compiler cannot run here.
 """
@@ -22,6 +23,7 @@ import tempfile
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 SM_COUNTS = {80: 108, 90: 132}  # A100, H100 SXM
+EMBED_SCALE = 27.7  # a model's embedding multiplier != 1 (sqrt(768), T5-base's width)
 _TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
 
 
@@ -45,8 +47,8 @@ def compiler_unavailable() -> Optional[str]:
 
 
 def cases() -> Iterator[Tuple[str, str, Callable[[], None]]]:
-    """(label, dtype, call of the launchers on meta tensors) for one benchmark shape per dtype, and the
-    mixed-batch benchmark (k packed adapters, one per row) in each dtype."""
+    """(label, dtype, call of the launchers on meta tensors) for one benchmark shape per dtype (also with
+    embed_scale != 1), and the mixed-batch benchmark (k packed adapters, one per row) in each dtype."""
     import torch
     from bench_shapes import dept_cases, mixed_cases, prefix_cases
     from dept_fast.kernels import AdapterRows, dept_backward, dept_forward, prefix_kv_backward, prefix_kv_forward
@@ -60,12 +62,15 @@ def cases() -> Iterator[Tuple[str, str, Callable[[], None]]]:
         c = dept_cases()[name]
         ids, n_pos = t(c.batch, c.seq_len, dtype=torch.int64), c.prompt + c.seq_len
         lora = (t(c.seq_len, c.rank, dtype=dt), t(c.rank, c.dim, dtype=dt))
-        yield f"dept-fwd {name}", dtype_name, lambda c=c, dt=dt, ids=ids, lora=lora: dept_forward(
-            ids, t(c.vocab, c.dim, dtype=dt), t(c.prompt, c.dim, dtype=dt), *lora, 1.0)
-        for emb in (None, dt):
-            yield f"dept-bwd {name}{' +dE' if emb else ''}", dtype_name, \
-                lambda c=c, dt=dt, ids=ids, lora=lora, n_pos=n_pos, emb=emb: dept_backward(
-                    t(c.batch, n_pos, c.dim, dtype=dt), ids, c.vocab, *lora, 1.0, c.prompt, dt, emb_dtype=emb)
+        for embed_scale, tag in ((1.0, ""), (EMBED_SCALE, " c!=1")):
+            yield f"dept-fwd {name}{tag}", dtype_name, \
+                lambda c=c, dt=dt, ids=ids, lora=lora, e=embed_scale: dept_forward(
+                    ids, t(c.vocab, c.dim, dtype=dt), t(c.prompt, c.dim, dtype=dt), *lora, 1.0, embed_scale=e)
+        for emb, embed_scale, tag in ((None, 1.0, ""), (dt, 1.0, " +dE"), (dt, EMBED_SCALE, " +dE c!=1")):
+            yield f"dept-bwd {name}{tag}", dtype_name, \
+                lambda c=c, dt=dt, ids=ids, lora=lora, n_pos=n_pos, emb=emb, e=embed_scale: dept_backward(
+                    t(c.batch, n_pos, c.dim, dtype=dt), ids, c.vocab, *lora, 1.0, c.prompt, dt, emb_dtype=emb,
+                    embed_scale=e)
     name, c = next(iter(mixed_cases().items()))
     k, n_pos = c.adapters + 1, c.prompt + c.seq_len  # the trailing no-adapter pack
     ids = t(c.batch, c.seq_len, dtype=torch.int64)

@@ -7,7 +7,7 @@ from torch import nn
 
 from dept_fast import FusedDePTEmbedding, dept_embedding
 from dept_fast.kernels import dept_backward, dept_forward
-from dept_inputs import make_inputs, reference_fp32
+from dept_inputs import EMBED_SCALE, make_inputs, reference_fp32
 from numerics import TOL, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -24,6 +24,22 @@ def test_bf16_llama_like_shapes(rank, poison):
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     ref_out, ref = reference_fp32(inp, grad_out)
+    assert rel_err(out, ref_out) <= TOL[torch.bfloat16]
+    for name, p in params.items():
+        assert rel_err(p.grad, ref[name]) <= TOL[torch.bfloat16], name
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-scatter", "deterministic"])
+def test_bf16_embed_scale_with_trainable_embeddings(deterministic, poison):
+    """A model's embedding multiplier c != 1 on the GPU's plans (tf32 update tile, pipelined backward
+    with the scaled dE scatter, or the sort-based dE in fp32): output and every gradient, dE included."""
+    inp = make_inputs((8, 500, 512, 32000, 4096, 60, 16), torch.bfloat16, CUDA, embed_scale=EMBED_SCALE)
+    params = {k: inp[k].requires_grad_() for k in ("weight", "prompt", "lora_A", "lora_B")}
+    out = dept_embedding(inp["ids"], **params, scaling=inp["scaling"], deterministic=deterministic,
+                         embed_scale=EMBED_SCALE)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref_out, ref = reference_fp32(inp, grad_out, emb_grad=True)
     assert rel_err(out, ref_out) <= TOL[torch.bfloat16]
     for name, p in params.items():
         assert rel_err(p.grad, ref[name]) <= TOL[torch.bfloat16], name
@@ -79,11 +95,12 @@ def test_gradients_bitwise_deterministic_across_runs():
         assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("id_check", ["host", "device"])
-def test_torch_compile_fullgraph_matches_eager(id_check):
+@pytest.mark.parametrize("id_check, embed_scale", [("host", 1.0), ("device", 1.0), ("device", EMBED_SCALE)])
+def test_torch_compile_fullgraph_matches_eager(id_check, embed_scale):
     """Forward + backward of the module compiled whole; under compile the id check is the device one."""
     torch.manual_seed(0)
-    mod = FusedDePTEmbedding(nn.Embedding(32128, 768).to(CUDA, torch.bfloat16), 60, 30, 256, id_check=id_check)
+    mod = FusedDePTEmbedding(nn.Embedding(32128, 768).to(CUDA, torch.bfloat16), 60, 30, 256, id_check=id_check,
+                             embed_scale=embed_scale)
     nn.init.normal_(mod.lora_B)
     ids = torch.randint(0, 32128, (8, 200), device=CUDA)
     grads = []

@@ -1,4 +1,6 @@
-"""FusedDePTEmbedding as a module: parameters, initialisation, dispatch, and clear errors."""
+"""FusedDePTEmbedding as a module: parameters, initialisation, dispatch, the model's embedding
+multiplier (``embed_scale``), and clear errors."""
+import json
 import math
 
 import pytest
@@ -7,6 +9,8 @@ from torch import nn
 
 import dept_fast
 from dept_fast import FusedDePTEmbedding, dept_embedding_reference
+from dept_fast.modules.dept_embedding import mixed_dept_embedding
+from dept_inputs import EMBED_SCALE
 from numerics import TOL, rel_err
 
 
@@ -49,6 +53,75 @@ def test_module_matches_reference_and_trains(device, poison):
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (mod.prompt, mod.lora_A, mod.lora_B))
     assert mod.word_embeddings.weight.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_embed_scale_scales_the_tokens_and_the_prompt_init(dtype, device, poison):
+    """With the model's multiplier c: the prompt starts as what the model's embedding gives for
+    sampled ids (c * E[ids] in fp32, rounded to E's dtype) and the stage is [P ; c E[ids] + s (A B)[:L]]
+    on both paths (fused, per-position); the gradients are in test_dept_parity.py."""
+    torch.manual_seed(0)
+    mod = FusedDePTEmbedding(nn.Embedding(50, 40).to(device, dtype), 7, 5, 16, embed_scale=EMBED_SCALE)
+    assert isinstance(mod.embed_scale, float) and mod.embed_scale == EMBED_SCALE
+    assert f"embed_scale={EMBED_SCALE}" in repr(mod)
+    embedded = (mod.weight.float() * EMBED_SCALE).to(dtype)  # the model's embedding of every id
+    assert mod.prompt.dtype == dtype
+    assert (mod.prompt[:, None, :] == embedded[None]).all(-1).any(-1).all()
+
+    nn.init.normal_(mod.lora_B)
+    tokens = torch.randint(0, 50, (3, 11), device=device)
+    out = mod(tokens)
+    ref = dept_embedding_reference(tokens, mod.weight, mod.prompt, mod.lora_A, mod.lora_B, mod.scaling,
+                                   embed_scale=EMBED_SCALE)
+    assert out.dtype == dtype and rel_err(out, ref) <= TOL[dtype]
+    per_position = mod(tokens, positions=torch.arange(11, device=device).expand(3, 11))
+    assert rel_err(per_position, ref) <= TOL[dtype]
+    unscaled = dept_embedding_reference(tokens, mod.weight, mod.prompt, mod.lora_A, mod.lora_B, mod.scaling)
+    assert rel_err(out, unscaled) > 0.1  # c really applies (E's rows are most of each token's value)
+
+
+def test_embed_scale_is_given_again_not_saved(tmp_path, device):
+    """save_pretrained writes no embed_scale (it belongs to the base model); from_pretrained takes it
+    (and defaults to 1) and the loaded module gives the saved one's numbers."""
+    mod = make_module(device=device, embed_scale=EMBED_SCALE)
+    nn.init.normal_(mod.lora_B)
+    mod.save_pretrained(tmp_path)
+    assert "embed_scale" not in json.loads((tmp_path / "dept_config.json").read_text())
+    back = FusedDePTEmbedding.from_pretrained(tmp_path, mod.word_embeddings, embed_scale=EMBED_SCALE)
+    assert back.embed_scale == EMBED_SCALE
+    for name in ("prompt", "lora_A", "lora_B"):
+        assert torch.equal(getattr(back, name), getattr(mod, name)), name
+    ids = torch.randint(0, 50, (2, 9), device=device)
+    assert torch.equal(back(ids), mod(ids))
+    assert FusedDePTEmbedding.from_pretrained(tmp_path, mod.word_embeddings).embed_scale == 1.0
+
+
+def test_mixed_batch_needs_one_embed_scale():
+    """Adapters of one mixed batch share E, so they must share its multiplier: refused otherwise,
+    and the common one is applied."""
+    first, second = make_module(embed_scale=EMBED_SCALE), make_module(m=3, r=2, embed_scale=EMBED_SCALE)
+    second.word_embeddings = first.word_embeddings
+    ids, index = torch.randint(0, 50, (3, 5)), torch.tensor([1, 0, -1])
+    out = mixed_dept_embedding([first, second], index, ids)
+    assert rel_err(out[2, 7:], EMBED_SCALE * first.weight[ids[2]]) <= TOL[torch.float32]
+    second.embed_scale = 1.0
+    with pytest.raises(ValueError, match=r"share one embed_scale .*\[1.0, 6.32"):
+        mixed_dept_embedding([first, second], index, ids)
+
+
+@pytest.mark.parametrize("value, exc, match", [
+    (torch.tensor(2.0), TypeError, r"embed_scale must be a Python float, got Tensor \(pass float\(tensor\)"),
+    ("2", TypeError, "embed_scale must be a Python float, got str"),
+    (True, TypeError, "embed_scale must be a Python float, got bool"),
+    (float("nan"), ValueError, "embed_scale must be finite, got nan"),
+    (float("inf"), ValueError, "embed_scale must be finite, got inf"),
+], ids=["tensor", "str", "bool", "nan", "inf"])
+def test_bad_embed_scale_is_refused(value, exc, match):
+    with pytest.raises(exc, match=match):
+        make_module(embed_scale=value)
+    with pytest.raises(exc, match=match):
+        dept_fast.dept_embedding(torch.zeros(1, 3, dtype=torch.long), torch.randn(50, 40), torch.randn(7, 40),
+                                 torch.randn(16, 5), torch.randn(5, 40), 1.0, embed_scale=value)
 
 
 def test_plain_cpu_runs_the_reference_not_the_kernels(monkeypatch):

@@ -17,7 +17,7 @@ import torch
 import dept_fast.modules.dept_embedding as dept_embedding_module
 from dept_fast import dept_embedding, dept_embedding_reference
 from dept_fast.ops import dept_embedding_op, prefix_kv_op, prefix_kv_projection, prefix_kv_reference
-from dept_inputs import make_inputs
+from dept_inputs import EMBED_SCALE, make_inputs
 from dept_models import FAMILY_ROUTES, M, dept_model, padded_batch
 from families import build
 from numerics import TOL, rel_err
@@ -30,6 +30,8 @@ DEPT_SHAPE = (2, 3, 5, 7, 6, 2, 3)
 PREFIX_SHAPE = (2, 1, 3, 2, 5)
 DEPT_GRADCHECK_SHAPE = (2, 2, 3, 5, 4, 1, 2)  # gradgradcheck perturbs every element of every input
 GRADCHECK = dict(eps=1e-2, atol=2e-3, rtol=2e-3)
+EMBED_SCALES = pytest.mark.parametrize("embed_scale", [1.0, EMBED_SCALE], ids=["c=1", "c=sqrt40"])
+"""The model's embedding multiplier c (out = [P ; c E[ids] + s (A B)[:L]]): 1, and one that is not."""
 FP32_GRADCHECK = pytest.mark.filterwarnings("ignore:Input #.* is not a double precision:UserWarning")
 """The ops have no fp64 kernel: gradcheck runs in fp32 at the step and tolerances above."""
 
@@ -60,16 +62,19 @@ def dept_leaves(dtype, shape=DEPT_SHAPE):
     return inp, [inp[k].to(dtype).requires_grad_() for k in ("weight", "prompt", "lora_A", "lora_B")]
 
 
+@EMBED_SCALES
 @pytest.mark.parametrize("padding_idx", [None, 0], ids=["no-padding-idx", "padding-idx-0"])
-def test_dept_second_order_matches_reference(padding_idx, monkeypatch):
+def test_dept_second_order_matches_reference(padding_idx, embed_scale, monkeypatch):
     """E, P, A and B all trainable: each second-order gradient against the fp64 reference."""
     calls = count_calls(monkeypatch, dept_embedding_op, "_differentiable_backward")
     inp, leaves = dept_leaves(torch.float32)
     ids, scaling = inp["ids"], inp["scaling"]
-    first, got = second_order(lambda *t: dept_embedding(ids, *t, scaling, padding_idx=padding_idx), leaves)
+    first, got = second_order(
+        lambda *t: dept_embedding(ids, *t, scaling, padding_idx=padding_idx, embed_scale=embed_scale), leaves)
     assert calls, "the kernel-path Function did not run its differentiable backward"
     _, ref_leaves = dept_leaves(torch.float64)
-    want_first, want = second_order(lambda *t: dept_embedding_reference(ids, *t, scaling, padding_idx), ref_leaves)
+    want_first, want = second_order(
+        lambda *t: dept_embedding_reference(ids, *t, scaling, padding_idx, embed_scale=embed_scale), ref_leaves)
     for name, g, w, g1, w1 in zip(("weight", "prompt", "lora_A", "lora_B"), got, want, first, want_first):
         assert rel_err(g1, w1) <= TOL[torch.float32], name
         assert g is not None and w.abs().sum() > 0, name
@@ -78,13 +83,14 @@ def test_dept_second_order_matches_reference(padding_idx, monkeypatch):
         assert torch.all(first[0][padding_idx] == 0) and torch.all(got[0][padding_idx] == 0)
 
 
+@EMBED_SCALES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_dept_backward_with_a_graph_equals_the_kernels(dtype):
+def test_dept_backward_with_a_graph_equals_the_kernels(dtype, embed_scale):
     """create_graph=True (PyTorch) and plain backward (kernels): the same gradients and dtypes, here
     with low-precision E beside fp32 P, A, B."""
     inp = make_inputs(DEPT_SHAPE, dtype, "cpu", param_dtype=torch.float32)
     leaves = [inp["weight"].requires_grad_()] + [inp[k].requires_grad_() for k in ("prompt", "lora_A", "lora_B")]
-    out = dept_embedding(inp["ids"], *leaves, inp["scaling"])
+    out = dept_embedding(inp["ids"], *leaves, inp["scaling"], embed_scale=embed_scale)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     kernels = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
     graph = torch.autograd.grad(out, leaves, grad_out, create_graph=True)
@@ -94,13 +100,14 @@ def test_dept_backward_with_a_graph_equals_the_kernels(dtype):
 
 
 @FP32_GRADCHECK
-def test_dept_gradcheck_and_gradgradcheck():
+@EMBED_SCALES
+def test_dept_gradcheck_and_gradgradcheck(embed_scale):
     """Without padding_idx: with it the output depends on E's padding row, which by definition (as in
     nn.Embedding) gets no gradient."""
     inp, leaves = dept_leaves(torch.float32, DEPT_GRADCHECK_SHAPE)
 
     def fn(*tensors):
-        return dept_embedding(inp["ids"], *tensors, inp["scaling"])
+        return dept_embedding(inp["ids"], *tensors, inp["scaling"], embed_scale=embed_scale)
 
     assert torch.autograd.gradcheck(fn, leaves, **GRADCHECK)
     assert torch.autograd.gradgradcheck(fn, leaves, **GRADCHECK)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dept_fast import FusedDePTEmbedding, dept_embedding
+from dept_fast.ops import dept_embedding_at_positions, dept_embedding_mixed
 
 V, D, M, R, S = 50, 24, 3, 4, 16
 LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(importlib.import_module(name).__file__)) + os.sep
@@ -112,6 +113,31 @@ def test_device_check_makes_no_host_sync(positions, host_syncs):
             assert host_syncs == []
     for host, device in zip(results["host"], results["device"]):
         assert torch.equal(host, device)
+
+
+@pytest.mark.parametrize("id_check", ["host", "device"])
+def test_meta_tensors_give_a_meta_result_unchecked(id_check):
+    """``meta`` tensors (shape inference, deferred initialisation) hold no values: no id is checked
+    and every op returns a meta tensor of the stage's shape and E's dtype."""
+    meta = torch.device("meta")
+    ids = torch.zeros(2, 7, dtype=torch.long, device=meta)
+    weight = torch.empty(V, D, dtype=torch.bfloat16, device=meta)
+    prompt, lora_A, lora_B = (torch.empty(*shape, device=meta) for shape in ((M, D), (S, R), (R, D)))
+    args = (weight, prompt, lora_A, lora_B, 2.0)
+    kwargs = dict(id_check=id_check, embed_scale=3.0)
+    outs = {
+        "fused": dept_embedding(ids, *args, **kwargs),
+        "per-position": dept_embedding_at_positions(ids, ids, *args, **kwargs),
+        "mixed": dept_embedding_mixed(ids, torch.zeros(2, dtype=torch.long, device=meta), weight, [prompt, prompt[:1]],
+                                      [lora_A, lora_A[:, :2]], [lora_B, lora_B[:2]], [2.0, 1.0], **kwargs),
+        "mixed-per-position": dept_embedding_mixed(ids, None, weight, [prompt], [lora_A], [lora_B], [2.0],
+                                                   positions=ids, **kwargs),
+        "module": FusedDePTEmbedding(nn.Embedding(V, D, device=meta), M, R, S, id_check=id_check,
+                                     embed_scale=3.0)(ids),
+    }
+    for name, out in outs.items():
+        dtype = torch.float32 if name == "module" else torch.bfloat16
+        assert out.device == meta and out.shape == (2, M + 7, D) and out.dtype == dtype, name
 
 
 # --- CUDA ------------------------------------------------------------------------------------------

@@ -42,6 +42,10 @@ def test_every_kernel_compiles_for_each_target_and_dtype(compiled):
     covered = {(r["kernel"], r["dtype"], r["target"]) for r in compiled}
     assert covered == {(k, d, f"sm_{cc}") for k in KERNELS for d in ("fp32", "fp16", "bf16") for cc in TARGETS}
     assert any(r["constexprs"].get("SCATTER_EMB") for r in compiled)  # the dE scatter variant too
+    # embed_scale != 1 (the forward's scaled rows, the scaled dE scatter), in every dtype
+    scaled = {(r["kernel"], r["dtype"], r["target"]) for r in compiled if r["constexprs"].get("EMBED_SCALED")}
+    assert scaled == {(k, d, f"sm_{cc}") for k in ("dept_fwd_kernel", "dept_bwd_kernel")
+                      for d in ("fp32", "fp16", "bf16") for cc in TARGETS}
     # the packed-adapter (one per row) variants of both DePT kernels, in every dtype
     indexed = {(r["kernel"], r["dtype"], r["target"]) for r in compiled if r["constexprs"].get("INDEXED")}
     assert indexed == {(k, d, f"sm_{cc}") for k in ("dept_fwd_kernel", "dept_bwd_kernel")

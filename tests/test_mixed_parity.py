@@ -3,8 +3,10 @@
 The reference runs each row through the eager single-adapter stage in fp32 (its prompt left-padded
 with zero rows to the longest, M), on the same rounded inputs; the fused op runs the whole batch in one
 launch forward and one backward. Adapters differ in m, r (r = 0 included), max_length and lora_alpha;
-each row's adapter is drawn at random, -1 (no adapter) included. Outputs start poisoned (NaN). Without
-a GPU the kernels run under the Triton interpreter (conftest.py); tolerances are in tests/numerics.py.
+each row's adapter is drawn at random, -1 (no adapter) included; E's rows are multiplied by the model's
+embedding multiplier c (``embed_scale``, one for all adapters), 1 or not. Outputs start poisoned (NaN).
+Without a GPU the kernels run under the Triton interpreter (conftest.py); tolerances are in
+tests/numerics.py.
 """
 import pytest
 import torch
@@ -12,7 +14,10 @@ import torch.nn.functional as F
 
 from dept_fast.kernels import TileConfig, dept_backward, dept_forward, sort_rows, tiling
 from dept_fast.ops import dept_embedding_mixed, dept_embedding_reference, pack_adapters
+from dept_inputs import EMBED_SCALE
 from numerics import TOL, rel_err
+
+EMBED_SCALES = pytest.mark.parametrize("embed_scale", [1.0, EMBED_SCALE], ids=["c=1", "c=sqrt40"])
 
 # (batch, L, vocab V, d, adapters as (m, r, max_length s, lora_alpha), rows forced to -1)
 SHAPES = {
@@ -45,7 +50,7 @@ def mixed(ids, index, weight, adapters, scalings, **kwargs):
     return dept_embedding_mixed(ids, index, weight, *(list(t) for t in zip(*adapters)), scalings, **kwargs)
 
 
-def stage_rows_alone(ids, index, weight, adapters, scalings, padding_idx=None):
+def stage_rows_alone(ids, index, weight, adapters, scalings, padding_idx=None, embed_scale=1.0):
     """Each row through the eager single-adapter stage with its adapter (none for -1), its prompt
     left-padded with zero rows to the longest, M."""
     longest = max(a[0].shape[0] for a in adapters)
@@ -54,17 +59,17 @@ def stage_rows_alone(ids, index, weight, adapters, scalings, padding_idx=None):
         prompt, lora_A, lora_B = adapters[a] if a >= 0 else (weight[:0], weight.new_zeros(ids.shape[1], 0),
                                                              weight.new_zeros(0, weight.shape[1]))
         row = dept_embedding_reference(ids[i:i + 1], weight, prompt, lora_A, lora_B, scalings[a] if a >= 0 else 0.0,
-                                       padding_idx)
+                                       padding_idx, embed_scale=embed_scale)
         rows.append(F.pad(row, (0, 0, longest - prompt.shape[0], 0)))
     return torch.cat(rows)
 
 
-def rows_alone(ids, index, weight, adapters, scalings, grad_out, padding_idx=None):
+def rows_alone(ids, index, weight, adapters, scalings, grad_out, padding_idx=None, embed_scale=1.0):
     """:func:`stage_rows_alone` in fp32 on the same (rounded) inputs: the output and the gradients of E
     and of every adapter tensor given ``grad_out``."""
     weight = weight.detach().float().requires_grad_()
     leaves = [[t.detach().float().requires_grad_() for t in adapter] for adapter in adapters]
-    out = stage_rows_alone(ids, index, weight, leaves, scalings, padding_idx)
+    out = stage_rows_alone(ids, index, weight, leaves, scalings, padding_idx, embed_scale)
     out.backward(grad_out.float())
     return out.detach(), weight.grad, [[grad_or_zero(t) for t in adapter] for adapter in leaves]
 
@@ -74,14 +79,15 @@ def grad_or_zero(t):
     return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
+@EMBED_SCALES
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_each_row_and_every_gradient_match_the_row_alone(shape, dtype, device, poison):
+def test_each_row_and_every_gradient_match_the_row_alone(shape, dtype, embed_scale, device, poison):
     ids, index, weight, adapters, scalings = make_batch(shape, dtype, device)
-    out = mixed(ids, index, weight, adapters, scalings)
+    out = mixed(ids, index, weight, adapters, scalings, embed_scale=embed_scale)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     out.backward(grad_out)
-    ref_out, _, ref_grads = rows_alone(ids, index, weight, adapters, scalings, grad_out)
+    ref_out, _, ref_grads = rows_alone(ids, index, weight, adapters, scalings, grad_out, embed_scale=embed_scale)
 
     assert out.dtype == dtype and rel_err(out, ref_out) <= TOL[dtype]
     for a, (adapter, want) in enumerate(zip(adapters, ref_grads)):
@@ -90,33 +96,37 @@ def test_each_row_and_every_gradient_match_the_row_alone(shape, dtype, device, p
             assert rel_err(t.grad, w) <= TOL[dtype], (a, name)
 
 
-def test_fp32_adapters_beside_bf16_embeddings(device, poison):
+@EMBED_SCALES
+def test_fp32_adapters_beside_bf16_embeddings(embed_scale, device, poison):
     """Mixed precision: bf16 E, fp32 prompts/A/B -> bf16 output, fp32 gradients."""
     ids, index, weight, adapters, scalings = make_batch(SHAPES["odd-d,L<s,m0,r0"], torch.bfloat16, device,
                                                         param_dtype=torch.float32)
-    out = mixed(ids, index, weight, adapters, scalings)
+    out = mixed(ids, index, weight, adapters, scalings, embed_scale=embed_scale)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(device, torch.bfloat16)
     out.backward(grad_out)
-    ref_out, _, ref_grads = rows_alone(ids, index, weight, adapters, scalings, grad_out)
+    ref_out, _, ref_grads = rows_alone(ids, index, weight, adapters, scalings, grad_out, embed_scale=embed_scale)
     assert out.dtype == torch.bfloat16 and rel_err(out, ref_out) <= TOL[torch.bfloat16]
     for adapter, want in zip(adapters, ref_grads):
         for t, w in zip(adapter, want):
             assert t.grad.dtype == torch.float32 and rel_err(t.grad, w) <= TOL[torch.float32]
 
 
+@EMBED_SCALES
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-scatter", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_embedding_grad_when_unfrozen(dtype, deterministic, device, poison):
-    """dE: a scatter over repeated ids (a 9-word vocabulary forces collisions) from rows of every
+def test_embedding_grad_when_unfrozen(dtype, deterministic, embed_scale, device, poison):
+    """dE: c times a scatter over repeated ids (a 9-word vocabulary forces collisions) from rows of every
     adapter and of none; the padding_idx row gets no gradient."""
     shape = (6, 12, 9, 24, [(3, 4, 16, 8.0), (1, 2, 12, 2.0)], [4])
     ids, index, weight, adapters, scalings = make_batch(shape, dtype, device, seed=3)
     ids[0, :3] = 0  # the padding id appears
     weight.requires_grad_()
-    out = mixed(ids, index, weight, adapters, scalings, deterministic=deterministic, padding_idx=0)
+    out = mixed(ids, index, weight, adapters, scalings, deterministic=deterministic, padding_idx=0,
+                embed_scale=embed_scale)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     out.backward(grad_out)
-    _, ref_emb, ref_grads = rows_alone(ids, index, weight, adapters, scalings, grad_out, padding_idx=0)
+    _, ref_emb, ref_grads = rows_alone(ids, index, weight, adapters, scalings, grad_out, padding_idx=0,
+                                       embed_scale=embed_scale)
     assert weight.grad.dtype == dtype and torch.all(weight.grad[0] == 0)
     assert rel_err(weight.grad, ref_emb) <= TOL[dtype]
     for adapter, want in zip(adapters, ref_grads):
@@ -124,25 +134,26 @@ def test_embedding_grad_when_unfrozen(dtype, deterministic, device, poison):
             assert rel_err(t.grad, w) <= TOL[dtype]
 
 
-def launch_packed(ids, index, weight, adapters, scalings, grad_out, tiles):
+def launch_packed(ids, index, weight, adapters, scalings, grad_out, tiles, embed_scale=1.0):
     """The launchers on packed adapters (as dept_embedding_mixed packs them: -1 rows take a trailing
     all-zero adapter): output and (dE, dP, dA, dB) of the packs."""
     packed = pack_adapters(*(list(t) for t in zip(*adapters)), scalings)
     packs = [F.pad(t.detach(), (0, 0) * (t.dim() - 1) + (0, 1)) for t in (packed.prompts, packed.lora_A,
                                                                          packed.lora_B, packed.scaling)]
     rows = sort_rows(torch.where(index < 0, len(adapters), index), len(adapters) + 1)
-    out = dept_forward(ids, weight, *packs, rows, tiles=tiles)
+    out = dept_forward(ids, weight, *packs, rows, tiles=tiles, embed_scale=embed_scale)
     if grad_out is None:
         return out, None
     grads = dept_backward(grad_out, ids, weight.shape[0], packs[1], packs[2], packs[3], packs[0].shape[1],
-                          packs[0].dtype, emb_dtype=weight.dtype, rows=rows, tiles=tiles)
+                          packs[0].dtype, emb_dtype=weight.dtype, rows=rows, tiles=tiles, embed_scale=embed_scale)
     return out, grads
 
 
+@EMBED_SCALES
 @pytest.mark.parametrize("tiles", [TileConfig(block_t=16, block_d=16, groups=2),
                                    TileConfig(block_t=16, block_d=32, groups=3)],
                          ids=["3-d-blocks,2-groups", "2-d-blocks,3-groups"])
-def test_each_adapters_rows_split_into_groups(tiles, device, poison):
+def test_each_adapters_rows_split_into_groups(tiles, embed_scale, device, poison):
     """Every adapter's run of rows split into groups (runs of 0 to 4 rows over 2 or 3 groups, so some
     segments are empty), feature blocks and a prompt tile beside input tiles give the rows-alone
     numbers; the backward sums each adapter's per-group partials."""
@@ -150,8 +161,9 @@ def test_each_adapters_rows_split_into_groups(tiles, device, poison):
     ids, index, weight, adapters, scalings = make_batch(shape, torch.float32, device, seed=5)
     grad_out = torch.randn(9, 7 + 21, 40, generator=torch.Generator().manual_seed(2)).to(device)
     out, (grad_emb, grad_prompt, grad_A, grad_B) = launch_packed(ids, index, weight, adapters, scalings, grad_out,
-                                                                 tiles)
-    ref_out, ref_emb, ref_grads = rows_alone(ids, index, weight, adapters, scalings, grad_out)
+                                                                 tiles, embed_scale)
+    ref_out, ref_emb, ref_grads = rows_alone(ids, index, weight, adapters, scalings, grad_out,
+                                             embed_scale=embed_scale)
     assert rel_err(out, ref_out) <= TOL[torch.float32] and rel_err(grad_emb, ref_emb) <= TOL[torch.float32]
     for a, (prompt_grad, a_grad, b_grad) in enumerate(ref_grads):
         m, (s, r) = prompt_grad.shape[0], a_grad.shape
@@ -203,7 +215,7 @@ def test_one_launch_forward_and_one_backward_for_the_batch(device, monkeypatch):
 def test_double_backward_matches_the_rows_alone(device):
     """create_graph=True with packed adapters: first-order gradients through differentiable ops (equal to
     the kernels'), and gradients of a function of them equal those of the rows run alone (the
-    single-adapter op's own second-order tests are in test_double_backward.py)."""
+    single-adapter op's own second-order tests are in test_double_backward.py), here with c != 1."""
     ids, index, weight, adapters, scalings = make_batch(SHAPES["odd-d,L<s,m0,r0"], torch.float32, device, seed=9)
     leaves = [t for adapter in adapters for t in adapter]
 
@@ -222,11 +234,12 @@ def test_double_backward_matches_the_rows_alone(device):
         return [g.detach() for g in first], second
 
     def fused():
-        return mixed(ids, index, weight, adapters, scalings)
+        return mixed(ids, index, weight, adapters, scalings, embed_scale=EMBED_SCALE)
 
     first_kernels, _ = gradients(fused, create_graph=False)
     first, second = gradients(fused, create_graph=True)
-    want_first, want_second = gradients(lambda: stage_rows_alone(ids, index, weight, adapters, scalings), True)
+    want_first, want_second = gradients(
+        lambda: stage_rows_alone(ids, index, weight, adapters, scalings, embed_scale=EMBED_SCALE), True)
     for got, kernel, want in zip(first, first_kernels, want_first):
         assert rel_err(got, want) <= TOL[torch.float32] and rel_err(kernel, want) <= TOL[torch.float32]
     for got, want in zip(second, want_second):

@@ -76,10 +76,12 @@ def adapter_config(adapter: FusedDePTEmbedding) -> DePTConfig:
                       adapter.embedding_dim)
 
 
-def load_embedding(path: PathLike, word_embeddings: nn.Embedding,
-                   max_length: Optional[int] = None) -> FusedDePTEmbedding:
-    """Read the adapter in directory ``path`` (any supported format) around ``word_embeddings``."""
-    return build_embedding(read_checkpoint(path, word_embeddings.embedding_dim, max_length), word_embeddings)
+def load_embedding(path: PathLike, word_embeddings: nn.Embedding, max_length: Optional[int] = None, *,
+                   embed_scale: float = 1.0) -> FusedDePTEmbedding:
+    """Read the adapter in directory ``path`` (any supported format) around ``word_embeddings``, whose
+    module multiplies its rows by ``embed_scale`` (not in checkpoints: a property of the base model)."""
+    return build_embedding(read_checkpoint(path, word_embeddings.embedding_dim, max_length), word_embeddings,
+                           embed_scale=embed_scale)
 
 
 def read_checkpoint(path: PathLike, dim: int, max_length: Optional[int] = None,
@@ -101,13 +103,16 @@ def read_checkpoint(path: PathLike, dim: int, max_length: Optional[int] = None,
                             "(DePT authors' / PEFT) nor a saved model with a DePT adapter")
 
 
-def build_embedding(checkpoint: DePTCheckpoint, word_embeddings: nn.Embedding) -> FusedDePTEmbedding:
-    """A FusedDePTEmbedding around ``word_embeddings`` holding the checkpoint's tensors (saved dtype kept)."""
+def build_embedding(checkpoint: DePTCheckpoint, word_embeddings: nn.Embedding, *,
+                    embed_scale: float = 1.0) -> FusedDePTEmbedding:
+    """A FusedDePTEmbedding around ``word_embeddings`` holding the checkpoint's tensors (saved dtype kept);
+    ``embed_scale`` as in :class:`FusedDePTEmbedding` (given by the caller: checkpoints do not record it)."""
     c = checkpoint.config
     if c.max_length is None:
         raise ValueError(f"this {checkpoint.source} checkpoint records no max_length; pass max_length "
                          "(the longest input the adapter accepts)")
-    adapter = FusedDePTEmbedding(word_embeddings, c.num_prompt_tokens, c.rank, c.max_length, c.lora_alpha)
+    adapter = FusedDePTEmbedding(word_embeddings, c.num_prompt_tokens, c.rank, c.max_length, c.lora_alpha,
+                                 embed_scale=embed_scale)
     device = word_embeddings.weight.device
     for name, tensor in checkpoint.tensors.items():
         if tensor is not None:

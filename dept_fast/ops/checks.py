@@ -1,4 +1,6 @@
 """Input validation done in Python before any launch: a clear error, never an out-of-bounds read."""
+import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -45,7 +47,7 @@ def check_in_range(name: str, values: torch.Tensor, high: Union[int, torch.Tenso
     the device check is always used (a host check would break the graph).
     """
     need(id_check in ID_CHECKS, f"id_check must be one of {ID_CHECKS}, got {id_check!r}")
-    if not values.numel():
+    if not values.numel() or values.device.type == "meta":  # meta tensors hold no values to check
         return
     bound = high if isinstance(high, int) else "the bound of each"
     if id_check == "device" or torch.compiler.is_compiling():
@@ -61,6 +63,17 @@ def check_in_range(name: str, values: torch.Tensor, high: Union[int, torch.Tenso
     if bool(outside.any()):
         raise ValueError(f"{name} must lie in [{low}, {bound}) ({what}); found {values[outside][:8].tolist()} "
                          f"against bounds {torch.broadcast_to(high, values.shape)[outside][:8].tolist()}")
+
+
+def check_embed_scale(embed_scale: float) -> float:
+    """``embed_scale`` as a float: a finite real number (a Python float or int, not a tensor: reading a
+    tensor's value would synchronise with its device on every call)."""
+    need(isinstance(embed_scale, numbers.Real) and not isinstance(embed_scale, bool),
+         f"embed_scale must be a Python float, got {type(embed_scale).__name__}"
+         + (" (pass float(tensor), read once where the adapter is built)" if isinstance(embed_scale, torch.Tensor)
+            else ""), TypeError)
+    need(math.isfinite(embed_scale), f"embed_scale must be finite, got {embed_scale!r}")
+    return float(embed_scale)
 
 
 def check_dept_inputs(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor,

@@ -1,8 +1,10 @@
 """The DePT embedding stage as an op: validated, on the fused Triton kernels where they run.
 
 ``dept_embedding`` is the stage of the DePT paper, every token at its column:
-``[P ; E[ids] + scaling * (A @ B)[:L]]``. ``dept_embedding_at_positions`` lets each token take the
-update row of its own position (left-padded rows, generation steps); it runs in PyTorch.
+``[P ; c * E[ids] + scaling * (A @ B)[:L]]``, c (``embed_scale``) what the model's embedding module
+multiplies its rows by (1 for a plain ``nn.Embedding``). ``dept_embedding_at_positions`` lets each
+token take the update row of its own position (left-padded rows, generation steps); it runs in
+PyTorch.
 """
 import functools
 from typing import NamedTuple, Optional, Sequence, Tuple
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import TRITON_AVAILABLE, use_kernels
-from .checks import check_dept_inputs, check_in_range, need
+from .checks import check_dept_inputs, check_embed_scale, check_in_range, need
 from .dept_embedding_reference import dept_embedding_mixed_reference, dept_embedding_reference
 
 if TRITON_AVAILABLE:  # at import, not inside the Functions: torch.compile traces those
@@ -20,16 +22,17 @@ if TRITON_AVAILABLE:  # at import, not inside the Functions: torch.compile trace
 
 
 class DePTEmbeddingFunction(torch.autograd.Function):
-    """``[P_a ; E[ids] + s_a * (A_a @ B_a)[:L]]`` in one kernel launch for the whole batch, gradients in
+    """``[P_a ; c * E[ids] + s_a * (A_a @ B_a)[:L]]`` in one kernel launch for the whole batch, gradients in
     one pass over G.
 
     Forward args: ids (b, L), weight E (V, d), then one adapter -- prompt P (m, d), lora_A (s, r),
     lora_B (r, d), a float scaling, rows None -- or k packed adapters (:func:`pack_adapters`) --
     prompts (k, M, d), lora_A (k, S, R), lora_B (k, R, d), scaling (k,) fp32, rows the
     ``AdapterRows`` of each row's adapter (``kernels.adapter_rows.sort_rows``); then deterministic,
-    padding_idx. The output has E's dtype; P, A, B may be kept in another float dtype (e.g. fp32
-    master weights beside a bf16 model) and receive gradients in their own dtype. See
-    ``kernels/dept_backward.py`` for the gradient math.
+    padding_idx and c = embed_scale (a float, default 1; the gradient of E carries it). The output
+    has E's dtype; P, A, B may be kept in another float dtype (e.g. fp32 master weights beside a bf16
+    model) and receive gradients in their own dtype. See ``kernels/dept_backward.py`` for the
+    gradient math.
 
     Double backward (``create_graph=True``): the backward is linear in G, so it is then computed
     with differentiable PyTorch ops (the same math, G read more than once) and second-order
@@ -37,8 +40,9 @@ class DePTEmbeddingFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, ids, weight, prompt, lora_A, lora_B, scaling, rows, deterministic, padding_idx):
-        out = kernels.dept_forward(ids, weight, prompt, lora_A, lora_B, scaling, rows)
+    def forward(ctx, ids, weight, prompt, lora_A, lora_B, scaling, rows, deterministic, padding_idx,
+                embed_scale=1.0):
+        out = kernels.dept_forward(ids, weight, prompt, lora_A, lora_B, scaling, rows, embed_scale=embed_scale)
         ctx.save_for_backward(ids, lora_A, lora_B)
         ctx.scaling = scaling
         ctx.rows = rows
@@ -48,6 +52,7 @@ class DePTEmbeddingFunction(torch.autograd.Function):
         ctx.emb_dtype = weight.dtype
         ctx.prompt_dtype = prompt.dtype
         ctx.padding_idx = padding_idx
+        ctx.embed_scale = embed_scale
         return out
 
     @staticmethod
@@ -59,12 +64,13 @@ class DePTEmbeddingFunction(torch.autograd.Function):
         else:
             grads = kernels.dept_backward(
                 grad_out, ids, ctx.vocab, lora_A, lora_B, ctx.scaling, ctx.n_prompt, ctx.prompt_dtype,
-                emb_dtype=ctx.emb_dtype if need_grad[1] else None, deterministic=ctx.deterministic, rows=ctx.rows)
+                emb_dtype=ctx.emb_dtype if need_grad[1] else None, deterministic=ctx.deterministic, rows=ctx.rows,
+                embed_scale=ctx.embed_scale)
         grad_emb, grad_prompt, grad_A, grad_B = grads
         if grad_emb is not None and ctx.padding_idx is not None:
             grad_emb[ctx.padding_idx] = 0  # as nn.Embedding: the padding row never learns
         return (None, grad_emb if need_grad[1] else None, grad_prompt if need_grad[2] else None,
-                grad_A if need_grad[3] else None, grad_B if need_grad[4] else None, None, None, None, None)
+                grad_A if need_grad[3] else None, grad_B if need_grad[4] else None, None, None, None, None, None)
 
 
 def _differentiable_backward(ctx, grad_out, ids, lora_A, lora_B):
@@ -86,14 +92,14 @@ def _differentiable_backward(ctx, grad_out, ids, lora_A, lora_B):
     if ctx.needs_input_grad[1]:
         grad_emb = torch.zeros((ctx.vocab, grad_out.shape[-1]), dtype=torch.float32, device=grad_out.device)
         grad_emb = grad_emb.index_add(0, ids.reshape(-1), grad[:, m:].reshape(-1, grad_out.shape[-1]))
-        grad_emb = grad_emb.to(ctx.emb_dtype)
+        grad_emb = (grad_emb * ctx.embed_scale).to(ctx.emb_dtype)
     return grad_emb, grad_prompt.to(ctx.prompt_dtype), grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
 
 def dept_embedding(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor,
                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                    deterministic: Optional[bool] = None, id_check: str = "host",
-                   padding_idx: Optional[int] = None) -> torch.Tensor:
+                   padding_idx: Optional[int] = None, *, embed_scale: float = 1.0) -> torch.Tensor:
     """The DePT embedding stage, validated, on the fused kernels where they can run.
 
     Args:
@@ -108,28 +114,36 @@ def dept_embedding(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.
             synchronisation, CUDA-graph capturable). The kernel never reads a bad id either way
             (its output row is NaN). Under torch.compile the device check is used.
         padding_idx: as ``nn.Embedding``: that row of E gets no gradient (when E is trainable).
+        embed_scale: c, what the model's embedding module multiplies E's rows by (a float: 1 for a
+            plain ``nn.Embedding``, sqrt(d) for Gemma or BART with ``scale_embedding``); the stage is
+            ``[P ; c * E[ids] + scaling * (A @ B)[:L]]`` and E's gradient carries c.
 
     Returns:
-        (b, m + L, d) tensor in ``weight.dtype``.
+        (b, m + L, d) tensor in ``weight.dtype``: each token's row computed in fp32 (c * E row +
+        update) and rounded once, the prompt cast to E's dtype. ``meta`` tensors give a ``meta``
+        result of that shape and dtype (no value is checked).
     """
     check_dept_inputs(input_ids, weight, prompt, lora_A, lora_B)
     need(input_ids.shape[1] <= lora_A.shape[0],
          f"input length {input_ids.shape[1]} exceeds max_length {lora_A.shape[0]} of the low-rank update; "
          "truncate the inputs or build the adapter with a larger max_length")
+    embed_scale = check_embed_scale(embed_scale)
     check_in_range("input_ids", input_ids, weight.shape[0], "the vocabulary size", id_check)
     if not use_kernels(weight):
-        return dept_embedding_reference(input_ids, weight, prompt, lora_A, lora_B, scaling, padding_idx)
+        return dept_embedding_reference(input_ids, weight, prompt, lora_A, lora_B, scaling, padding_idx,
+                                        embed_scale=embed_scale)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     return DePTEmbeddingFunction.apply(input_ids, weight, prompt, lora_A, lora_B, float(scaling), None,
-                                       deterministic, padding_idx)
+                                       deterministic, padding_idx, embed_scale)
 
 
 def dept_embedding_at_positions(input_ids: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor,
                                 prompt: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                                id_check: str = "host", padding_idx: Optional[int] = None) -> torch.Tensor:
+                                id_check: str = "host", padding_idx: Optional[int] = None, *,
+                                embed_scale: float = 1.0) -> torch.Tensor:
     """The DePT stage where each token takes the update row of its own position:
-    ``out[i] = [P ; E[ids[i, t]] + scaling * (A @ B)[positions[i, t]]]``.
+    ``out[i] = [P ; c * E[ids[i, t]] + scaling * (A @ B)[positions[i, t]]]``, c = ``embed_scale``.
 
     With ``positions[i, t] = t`` this is :func:`dept_embedding`. Used for tokens whose position is not
     their column: left-padded rows (a token's index among its row's real tokens) and generation
@@ -138,14 +152,14 @@ def dept_embedding_at_positions(input_ids: torch.Tensor, positions: torch.Tensor
 
     Args:
         input_ids: (b, L) token ids; positions: (b, L) integer rows of A, each in [0, s).
-        weight, prompt, lora_A, lora_B, scaling, id_check, padding_idx: as in :func:`dept_embedding`
-            (``prompt[:0]`` embeds the tokens without the prompt).
+        weight, prompt, lora_A, lora_B, scaling, id_check, padding_idx, embed_scale: as in
+            :func:`dept_embedding` (``prompt[:0]`` embeds the tokens without the prompt).
 
     Returns:
         (b, m + L, d) in ``weight.dtype``.
     """
     return dept_embedding_mixed(input_ids, None, weight, [prompt], [lora_A], [lora_B], [scaling], positions=positions,
-                                id_check=id_check, padding_idx=padding_idx)
+                                id_check=id_check, padding_idx=padding_idx, embed_scale=embed_scale)
 
 
 class PackedAdapters(NamedTuple):
@@ -184,15 +198,17 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
                          prompts: Sequence[torch.Tensor], lora_As: Sequence[torch.Tensor],
                          lora_Bs: Sequence[torch.Tensor], scalings: Sequence[float],
                          positions: Optional[torch.Tensor] = None, id_check: str = "host",
-                         padding_idx: Optional[int] = None, deterministic: Optional[bool] = None) -> torch.Tensor:
+                         padding_idx: Optional[int] = None, deterministic: Optional[bool] = None, *,
+                         embed_scale: float = 1.0) -> torch.Tensor:
     """The DePT stage with an adapter per batch row (mixed-task batches).
 
     Row i takes adapter ``a = adapter_index[i]`` of the k given (prompt (m_a, d), lora_A (s_a, r_a),
-    lora_B (r_a, d), scaling): ``out[i] = [0 ; P_a ; E[ids[i]] + scaling_a * (A_a @ B_a)[pos]]``, the
+    lora_B (r_a, d), scaling): ``out[i] = [0 ; P_a ; c * E[ids[i]] + scaling_a * (A_a @ B_a)[pos]]``, the
     prompt left-padded with zero rows to the longest prompt M (a caller masks those slots), ``pos``
     the token's column or ``positions[i, t]``. ``adapter_index`` -1: no adapter (E[ids] after M
     zero rows); None: every row takes adapter 0. Each token's position must lie below its row's
-    adapter's max_length.
+    adapter's max_length. c = ``embed_scale`` (see :func:`dept_embedding`) is one for all adapters:
+    they share E.
 
     Without ``positions`` it runs on the fused kernels where they can (one launch forward and one
     backward for the whole batch, each adapter's gradients summed from its own rows only,
@@ -207,6 +223,7 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
          "prompts, lora_As, lora_Bs and scalings must list the same adapters (at least one)")
     for prompt, lora_A, lora_B in zip(prompts, lora_As, lora_Bs):
         check_dept_inputs(input_ids, weight, prompt, lora_A, lora_B)
+    embed_scale = check_embed_scale(embed_scale)
     batch, seq_len = input_ids.shape
     check_in_range("input_ids", input_ids, weight.shape[0], "the vocabulary size", id_check)
     packed = pack_adapters(prompts, lora_As, lora_Bs, scalings)
@@ -231,9 +248,10 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
             if adapter_index is None:  # adapter 0 alone (its prompt padded to M)
                 return DePTEmbeddingFunction.apply(input_ids, weight, packed.prompts[0], packed.lora_A[0],
                                                    packed.lora_B[0], float(scalings[0]), None, deterministic,
-                                                   padding_idx)
+                                                   padding_idx, embed_scale)
             return DePTEmbeddingFunction.apply(input_ids, weight, packed.prompts, packed.lora_A, packed.lora_B,
-                                               packed.scaling, sort_rows(index, k + 1), deterministic, padding_idx)
+                                               packed.scaling, sort_rows(index, k + 1), deterministic, padding_idx,
+                                               embed_scale)
     else:
         need(positions.shape == input_ids.shape,
              f"positions must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(positions.shape)}")
@@ -244,4 +262,4 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
                        "generated ones included: shorten the input or max_new_tokens, or build the adapter with a "
                        "larger max_length", id_check)
     return dept_embedding_mixed_reference(input_ids, index, weight, packed.prompts, packed.lora_A, packed.lora_B,
-                                          packed.scaling, positions, padding_idx)
+                                          packed.scaling, positions, padding_idx, embed_scale=embed_scale)
