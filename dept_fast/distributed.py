@@ -78,8 +78,9 @@ def is_zero3(p: torch.Tensor) -> bool:
 @contextmanager
 def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
     """Within the context, the ZeRO-3 parameters among ``params`` hold their full values (read only:
-    changes are not written back). A no-op when there are none."""
-    params = [p for p in params if is_zero3(p)]
+    changes are not written back). A no-op when there are none; parameters an enclosing context holds
+    gathered already are left to it (DeepSpeed refuses to gather one twice)."""
+    params = [p for p in params if is_zero3(p) and getattr(getattr(p, "ds_status", None), "name", None) != "AVAILABLE"]
     if not params:
         yield
         return

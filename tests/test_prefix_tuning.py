@@ -130,7 +130,7 @@ def test_models_sharing_a_config(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("probe failed")
 
-    monkeypatch.setattr(route, "_tag_stack", fail)
+    monkeypatch.setattr(route, "_tag_stacks", fail)
     with pytest.raises(RuntimeError, match="probe failed"):
         apply_prefix_tuning(GPT2LMHeadModel(config), 3)
     assert torch.equal(first(**batch).logits, expected)

@@ -77,7 +77,7 @@ def adapter_config(adapter: FusedDePTEmbedding) -> DePTConfig:
 
 
 def load_embedding(path: PathLike, word_embeddings: nn.Embedding, max_length: Optional[int] = None, *,
-                   embed_scale: float = 1.0) -> FusedDePTEmbedding:
+                   embed_scale: Optional[float] = None) -> FusedDePTEmbedding:
     """Read the adapter in directory ``path`` (any supported format) around ``word_embeddings``, whose
     module multiplies its rows by ``embed_scale`` (not in checkpoints: a property of the base model)."""
     return build_embedding(read_checkpoint(path, word_embeddings.embedding_dim, max_length), word_embeddings,
@@ -104,7 +104,7 @@ def read_checkpoint(path: PathLike, dim: int, max_length: Optional[int] = None,
 
 
 def build_embedding(checkpoint: DePTCheckpoint, word_embeddings: nn.Embedding, *,
-                    embed_scale: float = 1.0) -> FusedDePTEmbedding:
+                    embed_scale: Optional[float] = None) -> FusedDePTEmbedding:
     """A FusedDePTEmbedding around ``word_embeddings`` holding the checkpoint's tensors (saved dtype kept);
     ``embed_scale`` as in :class:`FusedDePTEmbedding` (given by the caller: checkpoints do not record it)."""
     c = checkpoint.config

@@ -41,8 +41,11 @@ from ..modules.dept_embedding import FusedDePTEmbedding, mixed_dept_embedding
 from .adapters import DEPT, PREFIX, RowAdapters, adapters_of, call_names, refuse_taken, row_adapters
 from .attach import attach, forward_arguments
 from .positions import cached_length, generation_cache, positions_are_columns, token_positions
-from .route import prefix_route, route_of
-from .shared_prompt import SharedPrompts, check_attention_window
+from .route import check_attention_window, check_route, prefix_route, route_of
+from .shared_prompt import SharedPrompts
+from .transaction import all_or_nothing
+from .verify import TOKENS as PROBE_TOKENS
+from .verify import DePTProbe, Refused, own_random_numbers, padding_moves_positions
 
 DEFAULT_NAME = "default"
 
@@ -83,8 +86,9 @@ def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: 
     refuse_sharded(model)
     word_embeddings = _word_embeddings(model)
     _check_position_limit(model, num_prompt_tokens, max_length)
-    adapter = FusedDePTEmbedding(word_embeddings, num_prompt_tokens, rank, max_length, lora_alpha)
-    return _attach(model, adapter_name, adapter, share_prompt)
+    with all_or_nothing(model):  # the adapter freezes E: undone with the rest if the attach is refused
+        adapter = FusedDePTEmbedding(word_embeddings, num_prompt_tokens, rank, max_length, lora_alpha)
+        return _attach(model, adapter_name, adapter, share_prompt)
 
 
 def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Optional[bool] = None, *,
@@ -109,7 +113,8 @@ def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Opt
     if config.max_length is None and limit is not None and not model.config.is_encoder_decoder:
         checkpoint.config = config = dataclasses.replace(config, max_length=limit - config.num_prompt_tokens)
     _check_position_limit(model, config.num_prompt_tokens, config.max_length)
-    return _attach(model, adapter_name, build_embedding(checkpoint, word_embeddings), share_prompt)
+    with all_or_nothing(model):
+        return _attach(model, adapter_name, build_embedding(checkpoint, word_embeddings), share_prompt)
 
 
 def _word_embeddings(model: nn.Module) -> nn.Embedding:
@@ -138,32 +143,72 @@ def _check_position_limit(model: nn.Module, num_prompt_tokens: int, max_length: 
 
 
 def _attach(model: nn.Module, name: str, adapter: FusedDePTEmbedding, share_prompt: Optional[bool]) -> nn.Module:
+    """Attach ``adapter`` on its route and verify it (:mod:`dept_fast.hf.verify`); the caller undoes
+    everything if this raises. A shared prompt that the self-check refuses falls back to the prompt in
+    every row unless ``share_prompt=True`` or the model's DePT adapters already share."""
     refuse_taken(model, DEPT, name)
     if share_prompt not in (None, True, False):
         raise TypeError(f"share_prompt must be None, True or False, got {share_prompt!r}")
-    # Rank 0 leaves A (s x 0) and B (0 x d) empty: frozen, so DDP and optimizers never wait on them.
+    if model.config.is_encoder_decoder and share_prompt:
+        raise ValueError(f"share_prompt=True: {type(model).__name__} is an encoder-decoder model; its encoder "
+                         "attends both ways, so the prompt's keys/values depend on each row's input and cannot "
+                         "be shared")
+    _prepare(adapter)
+    shared = not model.config.is_encoder_decoder and _share_prompt(model, name, adapter, share_prompt)
+    probe = DePTProbe.prepare(model, adapter.word_embeddings)
+    if shared:
+        sharing = bool(adapters_of(model, DEPT))  # the model's route, taken by every adapter
+        try:
+            with all_or_nothing(model):
+                with prefix_route(model):
+                    pass
+                return _attach_on_route(model, name, adapter, True, probe)
+        except (TypeError, ValueError) as error:  # refused by the route or by the self-check
+            if share_prompt:
+                raise type(error)(f"share_prompt=True cannot be exact on this model: {error}") from error
+            if sharing:
+                raise
+    return _attach_on_route(model, name, adapter, False, probe)
+
+
+def _prepare(adapter: FusedDePTEmbedding) -> None:
+    """What every attached adapter needs, whatever its route: rank 0 leaves A (s x 0) and B (0 x d)
+    empty and frozen (DDP and optimizers never wait on them); E is the model's own tensor, saved under
+    the model's name: kept out of the adapter's state (model.save_pretrained refuses untied shared
+    tensors), and load_state_dict reuses the model's."""
     for p in (adapter.lora_A, adapter.lora_B):
         p.requires_grad_(adapter.rank > 0)
-    # E is the model's own tensor, saved under the model's name: keep it out of the adapter's state
-    # (model.save_pretrained refuses untied shared tensors), and let load_state_dict reuse the model's.
     adapter.register_state_dict_post_hook(_drop_word_embeddings)
     adapter.register_load_state_dict_pre_hook(_reuse_word_embeddings)
+
+
+def _attach_on_route(model: nn.Module, name: str, adapter: FusedDePTEmbedding, shared: bool,
+                     probe: Optional[DePTProbe]) -> nn.Module:
+    """Register ``adapter`` with the hooks of its route (``shared``: the shared prompt) and run the
+    self-check; raises :class:`Refused` if it does not hold."""
+    adapter.share_prompt = shared
     config = adapter_config(adapter).to_json()
     if model.config.is_encoder_decoder:
-        if share_prompt:
-            raise ValueError(f"share_prompt=True: {type(model).__name__} is an encoder-decoder model; its encoder "
-                             "attends both ways, so the prompt's keys/values depend on each row's input and cannot "
-                             "be shared")
-        adapter.share_prompt = False
         encoder = model.get_encoder()
-        return attach(model, DEPT, name, adapter, config, lambda: [
+        attach(model, DEPT, name, adapter, config, lambda: [
             (model, "pre", Seq2SeqInputs(model.forward)), (encoder, "pre", EncoderInputs(encoder.forward, model))])
-    adapter.share_prompt = _share_prompt(model, name, adapter, share_prompt)
-    attach(model, DEPT, name, adapter, config, lambda: [])
-    inputs = decoder_inputs(model)
-    if adapter.share_prompt and inputs.shared is None:
-        inputs.shared = SharedPrompts(model, route_of(model))
+    else:
+        attach(model, DEPT, name, adapter, config, lambda: [])
+        inputs = decoder_inputs(model)
+        if shared and inputs.shared is None:
+            inputs.shared = SharedPrompts(model, route_of(model))
+    if probe is not None:
+        probe.verify(model, lambda m, rank: _probe_adapter(adapter, m, rank))
     return model
+
+
+def _probe_adapter(adapter: FusedDePTEmbedding, num_prompt_tokens: int, rank: int) -> FusedDePTEmbedding:
+    """A probe adapter for the self-check: around ``adapter``'s embeddings, on its route, B zero."""
+    with own_random_numbers(adapter.weight.device):
+        probe = FusedDePTEmbedding(adapter.word_embeddings, num_prompt_tokens, rank, PROBE_TOKENS,
+                                   adapter.lora_alpha, embed_scale=adapter.embed_scale)
+    probe.share_prompt = adapter.share_prompt
+    return probe
 
 
 def decoder_inputs(model: nn.Module) -> "DecoderInputs":
@@ -173,14 +218,16 @@ def decoder_inputs(model: nn.Module) -> "DecoderInputs":
         if isinstance(hook, DecoderInputs):
             return hook
     hook = DecoderInputs(model.forward)
+    hook.padding_moves_positions = not hook.takes_position_ids and padding_moves_positions(model)
     model.register_forward_pre_hook(hook, with_kwargs=True)
     model.register_forward_hook(hook.add_prompt_loss, with_kwargs=True)
     return hook
 
 
 def _share_prompt(model: nn.Module, name: str, adapter: FusedDePTEmbedding, share_prompt: Optional[bool]) -> bool:
-    """Whether a decoder's DePT adapters share their prompts (see :func:`apply_dept`; the model is
-    switched onto the prefix attention if so): a model's adapters all take the route of its first."""
+    """Whether a decoder's new DePT adapter is to share its prompt (see :func:`apply_dept`), from what can
+    be checked without changing the model (the self-check then verifies the route); a model's adapters
+    all take the route of its first."""
     existing = list(adapters_of(model, DEPT).values())
     if existing:
         shared = existing[0].share_prompt
@@ -199,15 +246,21 @@ def _share_prompt(model: nn.Module, name: str, adapter: FusedDePTEmbedding, shar
         return shared
     if share_prompt is False or adapter.num_prompt_tokens == 0:  # no prompt: nothing to share
         return False
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        if share_prompt:
+            raise ValueError(f"share_prompt=True cannot be exact on this model: {type(model).__name__}.forward takes "
+                             "no position_ids, so its inputs cannot be placed after a shared prompt")
+        return False
     if name in adapters_of(model, PREFIX):
         if share_prompt:
             raise ValueError(f"share_prompt=True: {type(model).__name__} has Prefix-Tuning prefixes named {name!r}, "
                              "which take the same attention argument as a shared prompt; use share_prompt=False")
         return False
     try:
-        with prefix_route(model):
-            check_attention_window(model, adapter.num_prompt_tokens + adapter.max_length)
-            return True
+        if route_of(model) is None:
+            check_route(model)
+        check_attention_window(model, adapter.num_prompt_tokens + adapter.max_length)
+        return True
     except (TypeError, ValueError) as error:
         if share_prompt:
             raise type(error)(f"share_prompt=True cannot be exact on this model: {error}") from error
@@ -331,24 +384,58 @@ class _Inputs:
 
 
 def encoder_inputs(rows: RowAdapters, kwargs: Dict[str, Any], input_ids: torch.Tensor) -> Dict[str, Any]:
-    """Encoder inputs ``[P ; E[ids] + update]`` with each row's prompt slots prepended to the mask."""
+    """Encoder inputs ``[P ; E[ids] + update]``, laid out by :func:`encoder_layout`, and the mask to match."""
     mask = kwargs.get("attention_mask")
     positions = token_positions(*input_ids.shape, input_ids.device, mask, None, 0)
-    kwargs["inputs_embeds"] = embed_tokens(rows, input_ids, positions, mask, with_prompt=True)
+    embeds = embed_tokens(rows, input_ids, positions, mask, with_prompt=True)
+    slots = PromptSlots.of(rows)
+    kwargs["inputs_embeds"] = encoder_layout(embeds, mask, slots)
     kwargs["input_ids"] = None
-    return _with_prompt_mask(kwargs, "attention_mask", PromptSlots.of(rows), input_ids.shape[0], input_ids.device)
+    return _with_prompt_mask(kwargs, "attention_mask", slots, input_ids.shape[0], input_ids.device)
+
+
+def _encoder_order(mask: Optional[torch.Tensor], slots: PromptSlots, batch: int, length: int,
+                   device: torch.device) -> Optional[torch.Tensor]:
+    """(b, M + L) source column of each column of :func:`encoder_layout`; None where the layout is the
+    stage's own (no row left-padded, every prompt M long)."""
+    count, real = slots.count, slots.lengths
+    first = torch.zeros(batch, 1, dtype=torch.long, device=device) if mask is None else \
+        mask.long().argmax(-1, keepdim=True)  # a row of padding only: 0
+    if not torch.compiler.is_compiling() and isinstance(real, int) and (mask is None or not bool(first.any())):
+        return None
+    pad = count - real  # each row's prompt padding slots
+    j = torch.arange(count + length, device=device).expand(batch, -1)
+    return torch.where(j < first, count + j, torch.where(j < first + real, pad + j - first,
+                                                          torch.where(j < length + real, count + j - real,
+                                                                      j - length - real)))
+
+
+def encoder_layout(tensor: torch.Tensor, mask: Optional[torch.Tensor], slots: PromptSlots) -> torch.Tensor:
+    """``tensor`` (b, M + L, ...) laid out as the stage gives it, ``[prompt padding ; P_a ; tokens]``,
+    rearranged per row to ``[token padding before the first real token ; P_a ; the tokens from there ;
+    prompt padding]``: each row's prompt sits just before its first real token and the padding of
+    shorter prompts goes last. The encoder attends both ways and masks padding wherever it is, so each
+    row then sees its prompt and tokens as the row alone does, under absolute positions (BART: a
+    left-padded row's padding counts before the prompt as it counts before the tokens in the plain
+    model) and relative ones (T5: the prompt and the tokens side by side)."""
+    order = _encoder_order(mask, slots, tensor.shape[0], tensor.shape[1] - slots.count, tensor.device)
+    if order is None:
+        return tensor
+    index = order.view(order.shape + (1,) * (tensor.dim() - 2)).expand(order.shape + tensor.shape[2:])
+    return tensor.gather(1, index)
 
 
 def _with_prompt_mask(kwargs: Dict[str, Any], key: str, slots: PromptSlots, batch: int,
                       device: torch.device) -> Dict[str, Any]:
-    """``kwargs[key]`` (a mask over the caller's tokens) with the prompt slots' columns before it; a
-    missing mask stays missing unless rows' prompts differ in length (their padding needs masking)."""
+    """``kwargs[key]`` (a mask over the caller's tokens) with the prompt slots' columns, laid out as
+    :func:`encoder_layout` lays out the encoder's inputs; a missing mask stays missing unless rows'
+    prompts differ in length (their padding needs masking)."""
     mask = kwargs.get(key)
     if mask is None and isinstance(slots.lengths, int):
         return kwargs
-    if mask is None:
-        mask = torch.ones(batch, kwargs["inputs_embeds"].shape[1] - slots.count, dtype=torch.long, device=device)
-    kwargs[key] = _prepend(mask, slots.mask(batch, device))
+    full = torch.ones(batch, kwargs["inputs_embeds"].shape[1] - slots.count, dtype=torch.long, device=device) \
+        if mask is None else mask
+    kwargs[key] = encoder_layout(_prepend(full, slots.mask(batch, device)), mask, slots)
     return kwargs
 
 
@@ -364,6 +451,9 @@ class DecoderInputs(_Inputs):
     def __init__(self, forward) -> None:
         super().__init__(forward)
         self.shared: Optional[SharedPrompts] = None
+        self.padding_moves_positions = False
+        """Whether a masked slot before a row's tokens moves their positions (a model that takes no
+        position_ids and counts columns, e.g. BartForCausalLM; see :func:`padding_moves_positions`)."""
 
     def add_prompt_loss(self, model: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any) -> Any:
         """Forward hook: the shared prompts' loss term (see :meth:`SharedPrompts.add_prompt_loss`)."""
@@ -424,6 +514,12 @@ class DecoderInputs(_Inputs):
         """Every row carries its prompt: ``inputs_embeds`` (b, M + L, d) on the first pass, each prompt
         left-padded to the longest M and its padding masked."""
         batch, device = input_ids.shape[0], input_ids.device
+        if first_pass and self.padding_moves_positions and not isinstance(slots.lengths, int) \
+                and bool((slots.lengths != slots.count).any()):
+            raise ValueError("this model's forward takes no position_ids, so in a batch whose rows' prompts differ in "
+                             "length (adapter_names with different num_prompt_tokens, or '__base__' rows) the padding "
+                             "before a shorter prompt would move its tokens' positions; give a batch one prompt "
+                             "length")
         given_mask, given_positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
         kwargs["inputs_embeds"] = embed_tokens(rows, input_ids, positions, given_mask, with_prompt=first_pass)
         kwargs["input_ids"] = None
@@ -462,7 +558,7 @@ class Seq2SeqInputs(_Inputs):
                 raise ValueError(f"encoder_outputs have {encoded.shape[1]} positions but attention_mask has "
                                  f"{mask.shape[1]} columns; with the {slots.count} prompt slots expected "
                                  f"{mask.shape[1] + slots.count}")
-            kwargs["attention_mask"] = _prepend(mask, slots.mask(encoded.shape[0], encoded.device))
+            kwargs = _with_prompt_mask(kwargs, "attention_mask", slots, encoded.shape[0], encoded.device)
         return (), kwargs
 
 

@@ -26,7 +26,10 @@ from .adapters import DEPT, PREFIX, adapters_of, call_names, refuse_taken, row_a
 from .attach import attach, forward_arguments, prefix_pass
 from .attention import KeyValue
 from .dept import DEFAULT_NAME, decoder_inputs
-from .route import PrefixRoute, prefix_route
+from .positions import CACHE_KWARGS, cached_length
+from .route import PrefixRoute, check_attention_window, check_route, prefix_route
+from .transaction import all_or_nothing
+from .verify import PrefixProbe, Refused, own_random_numbers, plain_call
 
 PathLike = Union[str, os.PathLike]
 
@@ -76,28 +79,72 @@ def _hidden_size(model: nn.Module) -> Optional[int]:
 
 
 def _attach(model: nn.Module, name: str, spec: Union[Tuple[int, Optional[int]], PrefixCheckpoint]) -> nn.Module:
-    """Attach fresh prefixes (``spec`` = (prefix_len, projection_dim)) or a checkpoint's."""
+    """Attach fresh prefixes (``spec`` = (prefix_len, projection_dim)) or a checkpoint's, and verify them
+    (:mod:`dept_fast.hf.verify`), all or nothing."""
     refuse_taken(model, PREFIX, name)
     dept = adapters_of(model, DEPT)[name] if name in adapters_of(model, DEPT) else None
     if getattr(dept, "share_prompt", False):
         raise ValueError(f"{type(model).__name__} has a DePT adapter named {name!r} sharing its prompt's keys/values, "
                          "which take the same attention argument as prefixes; attach DePT with share_prompt=False to "
                          "combine them, or the prefixes under another name")
-    with prefix_route(model) as route:
-        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-        if isinstance(spec, PrefixCheckpoint):
-            adapter = _from_checkpoint(spec, route.layouts, device)
-        else:
-            prefix_len, projection_dim = spec
-            adapter = PrefixTuning({stack: FusedPrefixEncoder(prefix_len, *layout, projection_dim=projection_dim,
-                                                              embed_dim=_hidden_size(model), dtype=dtype, device=device)
-                                    for stack, layout in route.layouts.items()})
-    hooks = lambda: [(stack, "pre", StackPrefixes(model, stack_name, stack, route))  # noqa: E731
-                     for stack_name, stack in route.stacks.items()]
-    attach(model, PREFIX, name, adapter, adapter_config(adapter).to_json(), hooks)
-    if not model.config.is_encoder_decoder:
-        decoder_inputs(model)  # a left-padded row's first label, as for DePT rows
+    check_route(model)
+    probe = PrefixProbe.prepare(model)
+    with all_or_nothing(model):
+        with prefix_route(model) as route:
+            device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+            if isinstance(spec, PrefixCheckpoint):
+                adapter = _from_checkpoint(spec, route.layouts, device)
+            else:
+                prefix_len, projection_dim = spec
+                adapter = PrefixTuning({stack: FusedPrefixEncoder(prefix_len, *layout, projection_dim=projection_dim,
+                                                                  embed_dim=_hidden_size(model), dtype=dtype,
+                                                                  device=device)
+                                        for stack, layout in route.layouts.items()})
+        hooks = lambda: [(stack, "pre", StackPrefixes(model, stack_name, stack, route))  # noqa: E731
+                         for stack_name, stack in route.stacks.items()]
+        attach(model, PREFIX, name, adapter, adapter_config(adapter).to_json(), hooks)
+        if not model.config.is_encoder_decoder:
+            decoder_inputs(model)  # a left-padded row's first label, as for DePT rows
+        if probe is not None:
+            try:
+                probe.verify(model, _probe_prefixes(route, device, dtype),
+                             lambda ids, a: _cache_reference(model, ids, a))
+            except Refused as error:
+                fixed = [type(stack).__name__ for stack in route.stacks.values()
+                         if "position_ids" not in inspect.signature(stack.forward).parameters]
+                if fixed and not model.config.is_encoder_decoder:
+                    raise Refused(f"{error}; {', '.join(fixed)}.forward takes no position_ids, so its tokens cannot "
+                                  "be placed after the prefix (at positions p, p + 1, ...)") from error
+                raise
     return model
+
+
+def _probe_prefixes(route: PrefixRoute, device: torch.device, dtype: torch.dtype) -> PrefixTuning:
+    """Random prefixes of 2 slots on every stack of the route, for the self-check."""
+    with own_random_numbers(device):
+        return PrefixTuning({stack: FusedPrefixEncoder(2, *layout, projection_dim=None, dtype=dtype, device=device)
+                             for stack, layout in route.layouts.items()})
+
+
+def _cache_reference(model: nn.Module, ids: torch.Tensor, adapter: PrefixTuning) -> Optional[torch.Tensor]:
+    """A causal decoder's logits with ``adapter``'s prefixes in a pre-filled ``DynamicCache`` (PEFT's
+    route, the tokens at positions p + i), or None where that route does not exist (encoder-decoders)
+    or the model does not take a pre-filled cache."""
+    if model.config.is_encoder_decoder:
+        return None
+    from transformers import DynamicCache
+
+    key_values = adapter.encoders["decoder"].key_values()
+    try:
+        cache = DynamicCache(config=model.config)
+        for layer, (key, value) in enumerate(key_values):
+            cache.update(key, value, layer)
+        mask = torch.ones(1, key_values[0][0].shape[2] + ids.shape[1], dtype=torch.long, device=ids.device)
+        name = CACHE_KWARGS[0] if CACHE_KWARGS[0] in inspect.signature(model.forward).parameters else CACHE_KWARGS[1]
+        output = plain_call(model, input_ids=ids, attention_mask=mask, use_cache=True, **{name: cache})
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError, NotImplementedError):
+        return None
+    return output.logits if hasattr(output, "logits") else output[0]
 
 
 class StackPrefixes:
@@ -118,6 +165,8 @@ class StackPrefixes:
         rows = row_adapters(self.model, PREFIX, call_names(kwargs), inputs.shape[0], inputs.device)
         if not rows.adapters:
             return (), kwargs
+        longest = max(adapter.encoders[self.name].prefix_len for adapter in rows.adapters)
+        check_attention_window(self.model, longest + cached_length(kwargs) + inputs.shape[1], "the prefix")
         if rows.uniform:
             key_values, valid = zero3_module(rows.adapters[0].encoders[self.name]).key_values(), None
         else:

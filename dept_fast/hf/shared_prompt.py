@@ -11,7 +11,7 @@ dropout active (training), the prompt's activations draw one dropout mask for th
 instead of one per row; in eval mode, or without dropout, the numbers are those of the prompt in
 every row. Layers that do not let every token see every earlier position (sliding windows narrower
 than m + max_length, chunked attention) would hide the prompt from later tokens: they are refused
-(:func:`check_attention_window`).
+(:func:`dept_fast.hf.route.check_attention_window`).
 
 The loss. With the prompt in every row, the last prompt position predicts the first input token.
 The prompt pass computes that logit once (1 x V) and :meth:`SharedPrompts.add_prompt_loss` adds its
@@ -211,24 +211,6 @@ class SharedPrompts:
         if isinstance(output, tuple):
             return (loss,) + output
         return type(output)(**{"loss": loss, **{name: value for name, value in output.items() if name != "loss"}})
-
-
-def check_attention_window(model: nn.Module, span: int) -> None:
-    """Refuse (ValueError) sliding-window or chunked attention layers that can lose sight of the prompt.
-
-    With the prompt in every row such a layer hides prompt positions from tokens ``window`` or more
-    positions after them; the shared prompt's keys/values are joined to every token's attention, so
-    the two agree only when the window covers all ``span`` = m + max_length positions."""
-    config = model.config
-    layer_types = getattr(config, "layer_types", None) or []
-    if "chunked_attention" in layer_types:
-        raise ValueError(f"{type(model).__name__} has chunked attention layers, which hide the prompt from "
-                         "later chunks")
-    window = getattr(config, "sliding_window", None)
-    if window is not None and (not layer_types or "sliding_attention" in layer_types) and window < span:
-        raise ValueError(f"{type(model).__name__} has sliding-window attention layers (window {window}), which hide "
-                         f"the prompt from tokens {window} or more positions after it; num_prompt_tokens + "
-                         f"max_length = {span} exceeds the window")
 
 
 def shared_prompt_loss(loss_function, logits: torch.Tensor, prompt_logits: torch.Tensor, labels: torch.Tensor,

@@ -8,6 +8,7 @@ from torch import nn
 from ..distributed import gathered, refuse_sharded
 from ..ops import dept_embedding, dept_embedding_at_positions, dept_embedding_mixed
 from ..ops.checks import FLOAT_DTYPES, ID_CHECKS, check_embed_scale
+from .embedding_scale import embedding_scale
 
 
 class FusedDePTEmbedding(nn.Module):
@@ -42,31 +43,34 @@ class FusedDePTEmbedding(nn.Module):
             never reads a bad id either way.
         embed_scale: c, the float the model's embedding module multiplies E's rows by inside its own
             forward (an ``nn.Embedding`` subclass: sqrt(d) for Gemma, BART with ``scale_embedding``;
-            1 for a plain ``nn.Embedding``). A property of the base model, not of the adapter: it is
-            not saved; pass it again to :meth:`from_pretrained`.
+            1 for a plain ``nn.Embedding``). None (the default): derived by running the module
+            (:func:`dept_fast.modules.embedding_scale.embedding_scale`, which refuses a module whose
+            output is not one scale of its weight's rows). A property of the base model, not of the
+            adapter: it is not saved.
     """
 
     def __init__(self, word_embeddings: nn.Embedding, num_prompt_tokens: int, rank: int, max_length: int,
                  lora_alpha: float = 8.0, deterministic: Optional[bool] = None, id_check: str = "host",
-                 embed_scale: float = 1.0) -> None:
+                 embed_scale: Optional[float] = None) -> None:
         super().__init__()
         if not isinstance(word_embeddings, nn.Embedding):
             raise TypeError(f"word_embeddings must be an nn.Embedding, got {type(word_embeddings).__name__}")
         check_config(num_prompt_tokens, rank, max_length, lora_alpha)
         if id_check not in ID_CHECKS:
             raise ValueError(f"id_check must be one of {ID_CHECKS}, got {id_check!r}")
-        embed_scale = check_embed_scale(embed_scale)
         refuse_sharded(word_embeddings)
         weight = word_embeddings.weight
+        if weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"word embeddings must be float32, float16 or bfloat16, got {weight.dtype}")
         with gathered([weight]):  # a model built under deepspeed.zero.Init holds a (0,) placeholder
             if weight.dim() != 2:
                 raise ValueError(f"word embeddings must be 2-D (vocab, d), got shape {tuple(weight.shape)}")
             vocab, dim = weight.shape
             token_ids = torch.randint(0, vocab, (num_prompt_tokens,), device=weight.device)
-            # What the model's embedding gives for these ids: c * E[ids], in fp32, rounded to E's dtype.
-            prompt = (weight.detach()[token_ids].float() * embed_scale).to(weight.dtype)
-        if weight.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"word embeddings must be float32, float16 or bfloat16, got {weight.dtype}")
+            rows = weight.detach()[token_ids].clone()
+        embed_scale = check_embed_scale(embedding_scale(word_embeddings) if embed_scale is None else embed_scale)
+        # What the model's embedding gives for these ids: c * E[ids], in fp32, rounded to E's dtype.
+        prompt = (rows.float() * embed_scale).to(weight.dtype)
         factory = {"dtype": weight.dtype, "device": weight.device}
 
         self.word_embeddings = word_embeddings
@@ -135,7 +139,7 @@ class FusedDePTEmbedding(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, word_embeddings: nn.Embedding, max_length: Optional[int] = None, *,
-                        embed_scale: float = 1.0) -> "FusedDePTEmbedding":
+                        embed_scale: Optional[float] = None) -> "FusedDePTEmbedding":
         """Load an adapter directory (ours, the DePT authors' PROMPT_TUNING_LORA or PEFT PROMPT_TUNING)
         around ``word_embeddings``; ``max_length`` only for checkpoints that do not record it (PEFT);
         ``embed_scale`` as in the constructor (checkpoints do not record it: it belongs to the model)."""
