@@ -29,9 +29,11 @@ MIB = 1 << 20
 RUN_LOG_BEGIN, RUN_LOG_END = "<!-- BEGIN run log -->", "<!-- END run log -->"
 TEMPLATE = f"""# Benchmark results
 
-Written by `python -m bench.report` from the JSON of `pytest bench --benchmark-only --benchmark-json=FILE`.
-Each device type has one generated block, rewritten by the next report of that type; everything
-outside the blocks is kept. How every number is measured: `bench/measure.py`.
+Written by `python -m bench.report FILE.json --results bench/RESULTS.md` from the JSON of
+`pytest bench --benchmark-only --benchmark-json=FILE.json` (without `--results` the report goes to a
+new file beside the JSON). Each device type has one generated block, rewritten by the next report of
+that type; everything outside the blocks is kept. How every number is measured: `bench/measure.py`.
+Every ratio is a speedup: the baseline's ms / the row's ms, above 1× when the row is faster.
 
 ## GPU (CUDA)
 
