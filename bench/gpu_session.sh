@@ -12,10 +12,11 @@
 #   gpu_session.log      all output, step by step
 #   bench_stage.json     pytest-benchmark JSON of the stage suites (bench/test_*stage*.py)
 #   bench_model.json     pytest-benchmark JSON of the model-level suites (every other bench/ suite)
-#   RESULTS.md           bench/RESULTS.md with its CUDA block rewritten from those two files
+#   RESULTS.md           a copy of bench/RESULTS.md with its CUDA block rewritten from those two files
 #   speedup_cuda.png     the plot RESULTS.md shows
-# Copy RESULTS.md and speedup_cuda.png into bench/ and commit them. Each step has a time limit;
-# a step that reaches it gets SIGINT, so pytest still writes the JSON of what it measured.
+# No tracked file of the checkout is written. Copy RESULTS.md and speedup_cuda.png into bench/ and
+# commit them. Each step has a time limit; a step that reaches it gets SIGINT, so pytest still writes
+# the JSON of what it measured.
 set -uo pipefail
 : "${OUT:?set OUT to the folder that receives the logs and results}"
 mkdir -p "$OUT"
@@ -80,9 +81,9 @@ step bench-model 230 "${BENCH[@]}" -k "not stage" --benchmark-json="$OUT/bench_m
 jsons=()
 for f in "$OUT/bench_stage.json" "$OUT/bench_model.json"; do [ -s "$f" ] && jsons+=("$f"); done
 if [ ${#jsons[@]} -ne 0 ]; then
-    step report 30 "$PY" "$ROOT/bench/report.py" "${jsons[@]}" --results "$ROOT/bench/RESULTS.md"
-    cp bench/RESULTS.md "$OUT/RESULTS.md"
-    [ -f bench/speedup_cuda.png ] && cp bench/speedup_cuda.png "$OUT/speedup_cuda.png"
+    # The tracked record is copied and the copy updated (the plot lands beside it), in $OUT.
+    cp "$ROOT/bench/RESULTS.md" "$OUT/RESULTS.md"
+    step report 30 "$PY" "$ROOT/bench/report.py" "${jsons[@]}" --results "$OUT/RESULTS.md"
 else
     failed+=("report (no benchmark JSON was written)")
 fi

@@ -1,13 +1,20 @@
-"""Turn pytest-benchmark JSON from ``pytest bench --benchmark-only`` into RESULTS.md and a plot.
+"""Turn pytest-benchmark JSON from ``pytest bench --benchmark-only`` into a markdown report and a plot.
 
     pytest bench --benchmark-only --benchmark-json=bench.json
-    python -m bench.report bench.json [more.json ...] [--results bench/RESULTS.md]
+    python -m bench.report bench.json [more.json ...]                 # -> bench.md (+ bench_speedup_cuda.png)
+    python -m bench.report bench.json --results bench/RESULTS.md      # update the tracked record
 
 The records are the ``extra_info`` that ``bench/measure.py`` writes (its docstring says what
-each number means). RESULTS.md keeps one generated block per device type (cuda, cpu): a report
-rewrites the block of its runs' device type, adds a line per run to the run log, and keeps every
-other line of the file as it was. The plot (``speedup_cuda.png`` beside RESULTS.md, CUDA runs only)
-shows the speedup of the fused stage over each baseline, by shape and mode.
+each number means). By default the report is a new file beside the first JSON, named after it
+(``bench.md``), and touches nothing else. ``--results FILE`` instead updates a RESULTS.md (the
+tracked ``bench/RESULTS.md`` only when it is named): the file keeps one generated block per device
+type (cuda, cpu); a report rewrites the block of its runs' device type, adds a line per run to the
+run log, and keeps every other line of the file as it was.
+
+One ratio direction everywhere: a speedup is the baseline's ms over the row's ms, above 1× when
+the row is faster. The plot (CUDA runs only, beside the report: ``bench_speedup_cuda.png``, or
+``speedup_cuda.png`` beside RESULTS.md) shows the speedup of the fused stage over each baseline,
+by shape and mode. CPU runs get no plot, and the report says why (:data:`NO_CPU_PLOT`).
 """
 import argparse
 import json
@@ -22,9 +29,11 @@ MIB = 1 << 20
 RUN_LOG_BEGIN, RUN_LOG_END = "<!-- BEGIN run log -->", "<!-- END run log -->"
 TEMPLATE = f"""# Benchmark results
 
-Written by `python -m bench.report` from the JSON of `pytest bench --benchmark-only --benchmark-json=FILE`.
-Each device type has one generated block, rewritten by the next report of that type; everything
-outside the blocks is kept. How every number is measured: `bench/measure.py`.
+Written by `python -m bench.report FILE.json --results bench/RESULTS.md` from the JSON of
+`pytest bench --benchmark-only --benchmark-json=FILE.json` (without `--results` the report goes to a
+new file beside the JSON). Each device type has one generated block, rewritten by the next report of
+that type; everything outside the blocks is kept. How every number is measured: `bench/measure.py`.
+Every ratio is a speedup: the baseline's ms / the row's ms, above 1× when the row is faster.
 
 ## GPU (CUDA)
 
@@ -44,8 +53,17 @@ NO_RUN = {
             "`OUT=<folder> bash bench/gpu_session.sh`, then copy `RESULTS.md` and "
             "`speedup_cuda.png` from that folder into `bench/`.",
     "cpu": "No CPU run recorded yet. Run `pytest bench --benchmark-only --benchmark-json=cpu.json` "
-           "then `python -m bench.report cpu.json`.",
+           "then `python -m bench.report cpu.json --results bench/RESULTS.md`.",
 }
+SPEEDUP = "Speedup (× vs …): the baseline's ms / this row's ms; above 1× this row is faster than the baseline."
+CPU_SMOKE = ("CPU smoke run: it checks that the benchmark suites run without a GPU; its times and ratios are "
+             "not performance. The fused kernels and torch.compile are timed on CUDA only, so the stage rows "
+             "compare the eager reference with the library's CPU path (the same PyTorch reference behind the "
+             "module's checks); stage cases run in float32 and model shapes are scaled down; on a shared "
+             "CPU the same ratio moves several-fold from run to run.")
+NO_CPU_PLOT = ("No plot for a CPU run: the plot shows the fused kernels' speedup over eager and torch.compile, "
+               "which are timed on CUDA only; on CPU both stage providers run the same PyTorch reference, so "
+               "their ratio is noise.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +157,7 @@ def stage_table(records: List[Dict], kind: str) -> List[str]:
 def step_table(records: List[Dict], kind: str) -> List[str]:
     """One model-level kind ("*-step"): time, memory and speed against each record's baseline."""
     by_model = step_groups(records, kind)
-    header = ["model", "method", "trainable", "step ms", "× vs baseline", "peak extra MiB", "embedding stage ms",
+    header = ["model", "method", "trainable", "step ms", "speedup vs baseline", "peak extra MiB", "embedding stage ms",
               "stage % of step"]
     rows, shapes = [], []
     for model, methods in by_model.items():
@@ -149,7 +167,7 @@ def step_table(records: List[Dict], kind: str) -> List[str]:
             extra = r.get("peak_extra_bytes")
             share = _ratio(r.get("stage_ms"), r.get("ms"))
             rows.append([model, method, f"{r['trainable']:,}", _fmt(r.get("ms"), ".4g"),
-                         _fmt(_ratio(base and base.get("ms"), r.get("ms")), ".2f", f" vs {r.get('baseline')}"),
+                         _fmt(_ratio(base and base.get("ms"), r.get("ms")), ".2f", f"× vs {r.get('baseline')}"),
                          _fmt(extra and extra / MIB, ".0f"), _fmt(r.get("stage_ms"), ".4g"),
                          _fmt(share and 100 * share, ".2f", "%")])
     return _table(header, rows) + [""] + shapes
@@ -179,7 +197,7 @@ def targets(records: List[Dict]) -> List[Tuple[str, str, str]]:
 
     def faster(case, mode, factor):
         x = speedup(groups.get((case, mode), {}), "fused", "compile")
-        return f"{case} {mode}: {_fmt(x, '.2f', '×')}", None if x is None else x >= factor
+        return f"{case} {mode}: fused vs compile {_fmt(x, '.2f', '×')}", None if x is None else x >= factor
 
     judge("DePT forward ≥ 2× faster than torch.compile on the T5-base shape",
           [faster(c, "forward", 2) for c in ("t5-base-fp32", "t5-base-bf16")])
@@ -194,22 +212,23 @@ def targets(records: List[Dict]) -> List[Tuple[str, str, str]]:
                            r["peak_extra_bytes"] <= allowed))
     judge("Peak extra memory of the fused forward = the output tensor alone", checks)
 
-    def step_ratio(kind, model, slow, fast, limit, at_least):
+    def step_speedup(kind, model, method, baseline, at_least):
+        """``method``'s speedup over ``baseline`` (baseline ms / method ms) must be >= ``at_least``."""
         methods = step_groups(cuda, kind).get(model, {})
-        x = _ratio(methods.get(slow, {}).get("ms"), methods.get(fast, {}).get("ms"))
-        text = f"{model}: {slow} / {fast} = {_fmt(x, '.2f', '×')}"
-        return text, None if x is None else (x >= limit if at_least else x <= limit)
+        x = _ratio(methods.get(baseline, {}).get("ms"), methods.get(method, {}).get("ms"))
+        text = f"{model}: {method} vs {baseline} {_fmt(x, '.2f', '×')} (needs ≥ {at_least:.2f}×)"
+        return text, None if x is None else x >= at_least
 
     shared = "shared-prompt-step"
-    judge("Shared-prompt step within 1.1× of the no-prompt step",
-          [step_ratio(shared, model, "shared", "no-prompt", 1.1, False) for model in step_groups(cuda, shared)])
+    judge("Shared-prompt step within 1.1× of the no-prompt step",  # its time: speedup >= 1 / 1.1
+          [step_speedup(shared, model, "shared", "no-prompt", 1 / 1.1) for model in step_groups(cuda, shared)])
     judge("Shared-prompt step ≥ 1.3× faster than the prompt in every row at L 256, m 100",
-          [step_ratio(shared, "L256-m100-r0", "every-row", "shared", 1.3, True)])
+          [step_speedup(shared, "L256-m100-r0", "shared", "every-row", 1.3)])
     mixed, modes = "mixed-batch-step", ("train-step", "generate")
     judge("Mixed-task batch within 1.15× of a single-adapter batch of the same size",
-          [step_ratio(mixed, mode, "mixed", "single", 1.15, False) for mode in modes])
+          [step_speedup(mixed, mode, "mixed", "single", 1 / 1.15) for mode in modes])
     judge("Mixed-task batch ≥ 3× faster than one call per adapter",
-          [step_ratio(mixed, mode, "per-adapter", "mixed", 3, True) for mode in modes])
+          [step_speedup(mixed, mode, "mixed", "per-adapter", 3) for mode in modes])
     return out
 
 
@@ -218,6 +237,7 @@ def summary_lines(records: List[Dict]) -> List[str]:
     lines = []
     timers = sorted({r["timer"] for r in records if r.get("timer")})
     lines.append(f"ms: {'; '.join(timers)}. Devices: {', '.join(sorted({r['device'] for r in records}))}.")
+    lines.append(SPEEDUP)
     for kind in dict.fromkeys(r["kind"] for r in records):
         table = stage_table(records, kind) if kind.endswith("-stage") else step_table(records, kind)
         lines += ["", f"**{kind}**", ""] + table
@@ -292,13 +312,12 @@ def block(records: List[Dict], runs: List[Dict], plot_name: Optional[str]) -> st
                      f"triton {v.get('triton')}, transformers {v.get('transformers')}, CUDA {v.get('cuda')}, "
                      f"{v.get('cpu_threads')} CPU threads. Command: `{run['command']}`.")
     if dev == "cpu":
-        lines += ["", "CPU smoke run: the fused kernels and torch.compile are timed on CUDA only, so these rows "
-                      "compare the eager reference with the library's CPU path (the same reference behind the "
-                      "module's checks) and mean little for GPU performance; stage cases run in float32, model "
-                      "shapes are scaled down."]
+        lines += ["", CPU_SMOKE]
     lines += [""] + summary_lines(records)
     if plot_name:
         lines += ["", f"![speedups]({plot_name})"]
+    elif dev == "cpu":
+        lines += ["", NO_CPU_PLOT]
     return "\n".join(lines)
 
 
@@ -328,11 +347,19 @@ def new_results() -> str:
     return TEMPLATE.format(**blocks)
 
 
+def standalone(generated: str, dev: str, paths: List[str]) -> str:
+    """A report of one run (or a few of one device type), on its own, for the default output file."""
+    command = " ".join(["python -m bench.report", *(os.path.basename(p) for p in paths)])
+    return (f"# Benchmark report\n\nWritten by `{command}`; how every number is measured: `bench/measure.py`. "
+            f"The tracked record is `bench/RESULTS.md`, updated only with `--results bench/RESULTS.md`.\n\n"
+            f"## {'GPU (CUDA)' if dev == 'cuda' else 'CPU'}\n\n{generated}\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files of one device type")
-    parser.add_argument("--results", default=os.path.join(here, "RESULTS.md"), help="RESULTS.md to update")
+    parser.add_argument("--results", help="a RESULTS.md to update (e.g. bench/RESULTS.md, the tracked record); "
+                                          "default: write a new report beside the first JSON, named after it")
     args = parser.parse_args(argv)
 
     records, runs = load(args.json)
@@ -342,15 +369,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     if len(devs) != 1:
         parser.error(f"records from several device types ({', '.join(sorted(devs))}): report each separately")
     dev = devs.pop()
-    plot_name = f"speedup_{dev}.png"
-    plot_dir = os.path.dirname(os.path.abspath(args.results))  # RESULTS.md links the plot by its name
+    if args.results:
+        report_path = args.results
+        plot_name = f"speedup_{dev}.png"
+    else:
+        stem = os.path.splitext(os.path.abspath(args.json[0]))[0]
+        report_path, plot_name = f"{stem}.md", f"{os.path.basename(stem)}_speedup_{dev}.png"
+    plot_path = os.path.join(os.path.dirname(os.path.abspath(report_path)), plot_name)  # linked by its name
     title = f"{records[0]['device']} · {', '.join(run['datetime'][:10] for run in runs)}"
-    if dev != "cuda" or not plot(records, os.path.join(plot_dir, plot_name), title):
+    if dev != "cuda" or not plot(records, plot_path, title):
         plot_name = None
-    text = open(args.results, encoding="utf-8").read() if os.path.exists(args.results) else new_results()
-    with open(args.results, "w", encoding="utf-8") as f:
-        f.write(update_results(text, dev, block(records, runs, plot_name), runs))
-    print(f"wrote {args.results}" + (f" and {os.path.join(plot_dir, plot_name)}" if plot_name else ""))
+    generated = block(records, runs, plot_name)
+    if args.results:
+        text = open(report_path, encoding="utf-8").read() if os.path.exists(report_path) else new_results()
+        text = update_results(text, dev, generated, runs)
+    else:
+        text = standalone(generated, dev, args.json)
+    with open(report_path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {report_path}" + (f" and {plot_path}" if plot_name else ""))
+    if dev == "cpu":
+        print(NO_CPU_PLOT)
     return 0
 
 

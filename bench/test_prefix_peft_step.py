@@ -5,7 +5,7 @@ Both build the prefixes with a reparameterization MLP of width mid (Embedding(p,
 -> tanh -> Linear(mid, layers * 2 * kv_heads * head_dim)): e is the hidden size d for us (as Li &
 Liang), PEFT's token_dim (kv_heads * head_dim) for PEFT, hence the different trainable counts under
 grouped-query attention; the MLP is a negligible part of a step. The base model is frozen. Methods:
-``dept_fast``, ``peft``, and each with ``+ckpt`` (``gradient_checkpointing_enable(use_reentrant=False)``).
+``dept_fast``, ``peft``, and each with ``+ckpt`` (``enable_activation_checkpointing(model, use_reentrant=False)``).
 PEFT's cache route does not survive checkpointing in training (transformers drops the cache); when
 its step raises, that record is skipped with the error as the reason. Shape on CUDA: LLAMA_8L,
 b 8, L 1024, p 64, bf16 (scaled down on CPU).
@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from dept_fast import apply_prefix_tuning
+from dept_fast import apply_prefix_tuning, enable_activation_checkpointing
 
 from .measure import measure
 from .models import MODEL_CASES, StepRun, build_model, make_batch, model_step
@@ -36,13 +36,12 @@ def step_runner(method: str, device: torch.device) -> StepRun:
     else:
         model = apply_prefix_tuning(model, CASE.prefix_len, projection_dim=CASE.prefix_mid)
     if method.endswith("+ckpt"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return StepRun(model_step(model, make_batch(CASE, device)), params)
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's new name
 @pytest.mark.parametrize("method", METHODS)
 def test_prefix_peft_step(benchmark, device, method):
     benchmark.group = "prefix-peft-step"

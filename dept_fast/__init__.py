@@ -9,20 +9,45 @@ Layout: ``dept_fast.ops`` (autograd Functions over the kernels, each with its Py
 transformers integration is loaded only when one of its names is used.
 """
 import importlib
+import importlib.abc
+import importlib.util
 import os as _os
+import sys as _sys
 
-# Installed, ``dept_fast.kernels`` comes from the top-level ``kernels/`` folder (setup.py
-# package_dir). Run from a source checkout without installing (``PYTHONPATH=.``), find it there.
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
+class _CheckoutKernels(importlib.abc.MetaPathFinder):
+    """Finds exactly ``dept_fast.kernels`` in the checkout's top-level ``kernels/`` folder.
+
+    Installed (also editable), setup.py's ``package_dir`` maps that name to the folder. Run from a
+    source checkout without installing (``PYTHONPATH=<checkout>``) nothing does, so this finder,
+    last on ``sys.meta_path``, answers for that one name only: the package's ``__path__`` holds the
+    package alone (no ``dept_fast.setup``, ``dept_fast.bench``, ...) and the folder never becomes
+    a top-level ``kernels`` here (the name of a PyPI package that transformers probes for).
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != __name__ + ".kernels":
+            return None
+        return importlib.util.spec_from_file_location(fullname, _os.path.join(self.folder, "__init__.py"),
+                                                      submodule_search_locations=[self.folder])
+
+
+_checkout_kernels = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
 if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and \
-        _os.path.isfile(_os.path.join(_checkout, "kernels", "dept_forward.py")):
-    __path__.append(_checkout)
+        _os.path.isfile(_os.path.join(_checkout_kernels, "dept_forward.py")) and \
+        not any(type(finder).__qualname__ == _CheckoutKernels.__qualname__ and type(finder).__module__ == __name__
+                for finder in _sys.meta_path):  # once, importlib.reload included
+    _sys.meta_path.append(_CheckoutKernels(_checkout_kernels))
 
 _EXPORTS = {
     "FusedDePTEmbedding": "modules", "FusedPrefixEncoder": "modules", "PrefixTuning": "modules",
     "DePTEmbeddingFunction": "ops", "dept_embedding": "ops", "dept_embedding_reference": "ops",
     "apply_dept": "hf", "load_dept": "hf", "apply_prefix_tuning": "hf", "load_prefix_tuning": "hf",
     "serving": "hf", "set_adapter": "hf", "active_adapter": "hf", "param_groups": "optim", "budget": "budget", "trainable_parameters": "summary",
+    "enable_activation_checkpointing": "compat",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

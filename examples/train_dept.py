@@ -1,6 +1,6 @@
 """Prompt tuning vs DePT at the same parameter budget, on a tiny GPT-2 built from a config.
 
-    python examples/train_dept.py                # ~20 s on one CPU thread (README: measured times)
+    python examples/train_dept.py                # 300 steps per adapter on one CPU thread (docs/examples.md)
     python examples/train_dept.py --steps 20     # a quick look
     python examples/train_dept.py --threads 0    # torch's default thread count (one per core)
 
@@ -12,8 +12,8 @@ update of the input embeddings) learn to steer the frozen model. DePT's (m, r) c
 embedding stage runs the fused Triton kernels; on a CPU its PyTorch reference.
 
 The model is tiny, so on a CPU the example runs on one thread by default: more threads gain
-little here, and torch's default (a thread per core, each waiting for the others at every op)
-slows many-fold when another process keeps one of the cores busy.
+little here, and with torch's default (a thread per core, each waiting for the others at every op)
+another process busy on one core slows the whole run.
 """
 import argparse
 import time

@@ -1,12 +1,15 @@
 """Test setup: Triton kernels run on CPU through the interpreter when no GPU is present.
 
 ``TRITON_INTERPRET`` must be set before any ``@triton.jit`` function is defined, i.e. before
-``dept_fast.kernels`` is imported, which is why it is set here at import time.
+``dept_fast.kernels`` is imported, which is why it is set here at import time. A deprecation
+warning our code causes fails the suite (tests/own_warnings.py).
 """
 import os
 
 import pytest
 import torch
+
+import own_warnings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -39,3 +42,23 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(buffers, "allocate", poisoned)
 
+
+
+def pytest_configure(config):
+    own_warnings.install()
+
+
+def pytest_unconfigure(config):
+    own_warnings.uninstall()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if own_warnings.recorded and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if own_warnings.recorded:
+        terminalreporter.section("deprecation warnings caused by our code (tests/own_warnings.py)")
+        for text in dict.fromkeys(own_warnings.recorded):
+            terminalreporter.write_line(text)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dept_fast import apply_dept, apply_prefix_tuning, load_dept, load_prefix_tuning
+from dept_fast import apply_dept, apply_prefix_tuning, enable_activation_checkpointing, load_dept, load_prefix_tuning
 from numerics import rel_err
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
@@ -85,7 +85,7 @@ def attach_adapter(model: torch.nn.Module, case: Case) -> torch.nn.Module:
             with torch.no_grad():
                 model.dept.lora_B.copy_(torch.linspace(-0.1, 0.1, model.dept.lora_B.numel()).view_as(model.dept.lora_B))
     if case.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     return model
 
 

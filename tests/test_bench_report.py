@@ -1,6 +1,12 @@
-"""bench/report.py on synthetic records: the targets' verdicts, the step tables, and the RESULTS.md
-rewrite that must keep every line outside its own block (no GPU or benchmark run needed)."""
+"""bench/report.py on synthetic records: the targets' verdicts, the step tables, where it writes (a new
+file beside the JSON unless --results names one; the tracked bench/RESULTS.md only when named), and
+the RESULTS.md rewrite that must keep every line outside its own block (no GPU or benchmark run needed)."""
+import hashlib
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -56,7 +62,7 @@ def test_cpu_records_judge_nothing(report):
 def test_step_table_compares_each_method_with_its_baseline(report):
     table = report.step_table([step("m", "no-prompt", 10.0), step("m", "shared", 12.5, "no-prompt")],
                               "shared-prompt-step")
-    assert any("| m | shared |" in row and "0.80 vs no-prompt" in row for row in table)
+    assert any("| m | shared |" in row and "0.80× vs no-prompt" in row for row in table)  # 10 ms / 12.5 ms
 
 
 def test_results_md_keeps_what_is_outside_its_block(report, tmp_path):
@@ -73,14 +79,53 @@ def test_results_md_keeps_what_is_outside_its_block(report, tmp_path):
         report.update_results("# empty\n", "cpu", "x", runs)
 
 
-def test_main_writes_results_without_a_cpu_plot(report, tmp_path):
-    data = {"datetime": "2026-11-23T10:00:00", "machine_info": {"dept_fast": {"device": "CPU: test"}},
-            "benchmarks": [{"extra_info": step("m", "no-prompt", 10.0, device="CPU (2 threads)")}]}
-    path = tmp_path / "cpu.json"
+TRACKED = pathlib.Path(__file__).resolve().parent.parent / "bench" / "RESULTS.md"
+
+
+def bench_json(path, records, device="CPU: test"):
+    data = {"datetime": "2026-11-23T10:00:00", "machine_info": {"dept_fast": {"device": device}},
+            "benchmarks": [{"extra_info": record} for record in records]}
     path.write_text(json.dumps(data))
-    assert report.main([str(path), "--results", str(tmp_path / "RESULTS.md")]) == 0
-    assert "| m | no-prompt |" in (tmp_path / "RESULTS.md").read_text()
-    assert not list(tmp_path.glob("*.png"))
+    return path
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_main_writes_beside_the_json_and_leaves_the_tracked_results_alone(report, tmp_path, capsys):
+    tracked = digest(TRACKED)
+    path = bench_json(tmp_path / "cpu.json", [step("m", "no-prompt", 10.0, device="CPU (2 threads)")])
+    assert report.main([str(path)]) == 0
+    assert digest(TRACKED) == tracked
+    text = (tmp_path / "cpu.md").read_text()
+    assert "| m | no-prompt |" in text and report.CPU_SMOKE in text and report.NO_CPU_PLOT in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.json", "cpu.md"]  # no plot on CPU, and it says why
+    assert report.NO_CPU_PLOT in capsys.readouterr().out
+
+
+def test_main_updates_the_results_file_it_is_given(report, tmp_path):
+    path = bench_json(tmp_path / "cpu.json", [step("m", "no-prompt", 10.0, device="CPU (2 threads)")])
+    results = tmp_path / "record" / "RESULTS.md"
+    results.parent.mkdir()
+    results.write_text(report.new_results() + "\nHand-written notes stay.\n")
+    assert report.main([str(path), "--results", str(results)]) == 0
+    text = results.read_text()
+    assert "| m | no-prompt |" in text and "Hand-written notes stay." in text and "No GPU run recorded yet" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.json", "record"]
+
+
+def test_a_cuda_run_gets_its_plot_beside_the_report(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [stage("t5-base-fp32", mode, provider, ms) for mode in ("forward", "backward")
+               for provider, ms in (("eager", 2.0), ("compile", 1.5), ("fused", 1.0))]
+    path = bench_json(tmp_path / "gpu.json", records, device="NVIDIA H100 80GB HBM3")
+    assert report.main([str(path)]) == 0
+    assert "![speedups](gpu_speedup_cuda.png)" in (tmp_path / "gpu.md").read_text()
+    assert (tmp_path / "gpu_speedup_cuda.png").stat().st_size > 0
+    results = tmp_path / "RESULTS.md"
+    assert report.main([str(path), "--results", str(results)]) == 0
+    assert "![speedups](speedup_cuda.png)" in results.read_text() and (tmp_path / "speedup_cuda.png").exists()
 
 
 def test_mixed_batch_targets(report):
@@ -98,3 +143,34 @@ def test_mixed_batch_targets(report):
     assert got["Mixed-task batch within 1.15× of a single-adapter batch of the same size"] == "met"
     assert got["Mixed-task batch ≥ 3× faster than one call per adapter"] == "met"
     assert verdicts(report, records[:2])["Mixed-task batch ≥ 3× faster than one call per adapter"] == "not measured"
+
+
+def test_gpu_session_writes_the_record_and_plot_to_out(tmp_path):
+    """bench/gpu_session.sh with a stand-in python: each benchmark step "writes" a CUDA JSON, the report
+    step runs for real. $OUT gets RESULTS.md (the tracked one with its CUDA block rewritten) and the
+    plot; the tracked bench/RESULTS.md is not touched."""
+    pytest.importorskip("matplotlib")
+    root = TRACKED.parent.parent
+    tracked = digest(TRACKED)
+    records = [stage("t5-base-fp32", "forward", provider, ms) for provider, ms in (("eager", 2.0), ("fused", 1.0))]
+    fixture = bench_json(tmp_path / "fixture.json", records, device="NVIDIA H100 80GB HBM3")
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/bin/sh
+case "$*" in
+  *bench/report.py*) exec "{sys.executable}" "$@" ;;
+esac
+for arg in "$@"; do
+  case "$arg" in --benchmark-json=*) cp "{fixture}" "${{arg#--benchmark-json=}}" ;; esac
+done
+""")
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHON=str(stub), OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_session.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    results = (out / "RESULTS.md").read_text()
+    assert "| t5-base-fp32 (bf16) | forward | fused |" in results and "![speedups](speedup_cuda.png)" in results
+    assert (out / "speedup_cuda.png").stat().st_size > 0
+    assert digest(TRACKED) == tracked and not (root / "bench" / "speedup_cuda.png").exists()

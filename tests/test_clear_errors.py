@@ -11,6 +11,7 @@ from transformers import BertConfig, BertForMaskedLM, StaticCache
 
 from decoding import assert_same_decoding, generate, reference_decode
 from dept_fast import FusedDePTEmbedding, apply_dept, apply_prefix_tuning, load_dept
+from dept_fast.compat import cache_argument
 from dept_models import FAMILY_ROUTES, M, R, ROUTES, S, dept_model, padded_batch
 from families import DECODERS, build
 from tiny_models import VOCAB, tiny_gpt2
@@ -84,7 +85,7 @@ def test_static_caches_are_refused_on_decoders(family, share):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
     with pytest.raises(ValueError, match=message):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
-                       past_key_values=StaticCache(config=model.config, max_cache_len=16))
+                       **{cache_argument(model): StaticCache(config=model.config, max_cache_len=16)})
     tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
     assert tokens.shape == (2, 7)  # the default dynamic cache still works after a refusal
 

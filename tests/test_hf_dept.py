@@ -12,7 +12,7 @@ import torch
 
 import dept_fast.modules.dept_embedding as dept_embedding_module
 from decoding import assert_same_decoding, generate, greedy_without_cache, reference_decode
-from dept_fast import FusedDePTEmbedding, apply_dept, dept_embedding_reference
+from dept_fast import FusedDePTEmbedding, apply_dept, dept_embedding_reference, enable_activation_checkpointing
 from dept_models import FAMILY_ROUTES, M, R, ROUTES, S, dept_model, padded_batch
 from families import DECODERS, FAMILIES, build
 from numerics import rel_err, suite_tol
@@ -191,13 +191,12 @@ def test_errors_name_the_problem():
 
 
 @ROUTES
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's new name is not in 5.17
 def test_gradient_checkpointing_gives_the_same_step(share):
     results = []
     for checkpointing in (False, True):
         model = dept_model("llama-gqa", share=share).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         ids, mask = padded_batch([6, 4], 6, "left")
         loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()

@@ -10,7 +10,8 @@ from the rows' single-adapter distributions). Adapters differ in m, r, max_lengt
 import pytest
 import torch
 
-from dept_fast import active_adapter, apply_dept, apply_prefix_tuning, load_dept, set_adapter
+from dept_fast import (active_adapter, apply_dept, apply_prefix_tuning, enable_activation_checkpointing, load_dept,
+                       set_adapter)
 from dept_fast.ops import dept_embedding_mixed, dept_embedding_reference
 from dept_models import FAMILY_ROUTES
 from families import ENCODER_DECODERS, FAMILIES, build
@@ -98,7 +99,7 @@ def grads(model):
 def test_each_row_equals_the_row_alone(family, share, checkpointing):
     model = mixed_model(family, share).train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     inputs = batch(family)
     loss, logits = summed_loss(model, inputs, NAMES)
     loss.backward()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dept_fast import enable_activation_checkpointing
 from dept_fast.hf.attach import forward_arguments, prefix_pass
 from dept_fast.hf.attention import PREFIX_SLOT_ATTR, PrefixKV, prefix_attention_forward
 from dept_fast.hf.route import use_non_reentrant_checkpointing
@@ -133,7 +134,7 @@ def test_reentrant_checkpoint_is_refused():
 
 def test_transformers_reentrant_checkpointing_is_switched_with_a_warning():
     model = tiny_llama()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_activation_checkpointing(model, use_reentrant=True)
     layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     with pytest.warns(UserWarning, match="use_reentrant=False"):
         use_non_reentrant_checkpointing(layers)

@@ -1,13 +1,14 @@
 """Prefix-Tuning under activation (gradient) checkpointing: the same loss and gradients as without,
 non-reentrant or reentrant (switched, with a warning); a reentrant wrapper transformers did not
-set is refused; the HF Trainer's gradient_checkpointing=True trains the same step."""
+set is refused; the HF Trainer's activation checkpointing argument trains the same step."""
 import warnings
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dept_fast import apply_prefix_tuning
+from dept_fast import apply_prefix_tuning, enable_activation_checkpointing
+from dept_fast.compat import checkpointing_arguments
 from families import FAMILIES, build
 from numerics import TOL, rel_err
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
@@ -44,7 +45,7 @@ def loss_and_grads(model):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_same_loss_and_gradients_with_checkpointing(name, use_reentrant):
     plain, checkpointed = twin_models(name)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_activation_checkpointing(checkpointed, use_reentrant=use_reentrant)
     expected_loss, expected = loss_and_grads(plain)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -62,7 +63,7 @@ def test_unknown_reentrant_checkpoint_is_refused():
     """A reentrant checkpoint function transformers did not build cannot be switched: the prefix
     attention refuses to run rather than return a wrong gradient."""
     model = apply_prefix_tuning(tiny_llama(), 4, projection_dim=None).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, use_reentrant=False)
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False):
             module._gradient_checkpointing_func = lambda fn, *args: checkpoint(fn, *args, use_reentrant=True)
@@ -72,7 +73,8 @@ def test_unknown_reentrant_checkpoint_is_refused():
 
 def test_trainer_with_gradient_checkpointing_takes_the_same_step(tmp_path):
     """One SGD step of the HF Trainer moves the prefixes identically with and without
-    gradient_checkpointing=True."""
+    activation checkpointing (``TrainingArguments(activation_checkpointing=True)``, or
+    ``gradient_checkpointing=True`` before transformers 5.24)."""
     pytest.importorskip("accelerate")  # the Trainer needs it
     from transformers import Trainer, TrainingArguments
 
@@ -83,8 +85,9 @@ def test_trainer_with_gradient_checkpointing_takes_the_same_step(tmp_path):
         model = apply_prefix_tuning(build("gpt2", dropout=False), 4, projection_dim=16)
         args = TrainingArguments(output_dir=str(tmp_path / str(checkpointing)), max_steps=1,
                                  per_device_train_batch_size=3, learning_rate=1.0, optim="sgd",
-                                 lr_scheduler_type="constant", report_to=[], gradient_checkpointing=checkpointing,
-                                 use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True)
+                                 lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
+                                 logging_strategy="no", disable_tqdm=True,
+                                 **(checkpointing_arguments() if checkpointing else {}))
         Trainer(model=model, args=args, train_dataset=examples).train()
         stepped.append({k: v.detach().clone() for k, v in model.prefix_tuning.state_dict().items()})
         assert model.transformer.h[0].gradient_checkpointing is checkpointing

@@ -5,7 +5,7 @@ model trained with and without gradient checkpointing. Skipped without a GPU; ru
 import pytest
 import torch
 
-from dept_fast import FusedPrefixEncoder, apply_prefix_tuning
+from dept_fast import FusedPrefixEncoder, apply_prefix_tuning, enable_activation_checkpointing
 from dept_fast.kernels.prefix_kv import plan_prefix_kv_backward
 from dept_fast.ops import prefix_kv_projection
 from numerics import TOL, rel_err
@@ -72,7 +72,7 @@ def test_bf16_model_same_step_with_gradient_checkpointing():
         torch.manual_seed(0)
         model = apply_prefix_tuning(tiny_llama().to(CUDA, torch.bfloat16), 8, projection_dim=64).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)
         ids = torch.randint(3, 97, (4, 33), device=CUDA, generator=torch.Generator(CUDA).manual_seed(1))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()

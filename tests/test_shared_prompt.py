@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dept_fast import apply_dept, apply_prefix_tuning, serving
+from dept_fast import apply_dept, apply_prefix_tuning, enable_activation_checkpointing, serving
 from dept_fast.hf import dept as hf_dept
 from dept_models import M, R, S
 from families import DECODERS, build
@@ -78,12 +78,11 @@ def test_same_logits_loss_and_gradients(family, rank):
     assert_same_step(shared, every_row, batch())
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's new name is not in 5.17
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant-switched"])
 @pytest.mark.parametrize("family", DECODERS)
 def test_same_step_under_gradient_checkpointing(family, use_reentrant):
     shared, every_row = twins(family)
-    shared.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_activation_checkpointing(shared.train(), use_reentrant=use_reentrant)
     every_row.train()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -96,7 +95,7 @@ def test_unknown_reentrant_checkpoint_is_refused():
     """A reentrant wrapper transformers did not build would run the prompt pass without recording
     gradients: the capture refuses rather than train the prompt on a zero gradient."""
     shared, _ = twins("llama-gqa")
-    shared.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(shared.train(), use_reentrant=False)
     for module in shared.modules():
         if getattr(module, "gradient_checkpointing", False):
             module._gradient_checkpointing_func = lambda fn, *args: checkpoint(fn, *args, use_reentrant=True)
