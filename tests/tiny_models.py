@@ -22,9 +22,9 @@ def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """2-layer Llama with grouped-query attention (4 query heads, 2 key/value heads), d 48."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
+    config = LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0), **overrides})
     return LlamaForCausalLM(config).eval()
 
 
@@ -44,3 +44,10 @@ def tiny_t5(seed: int = 0, **overrides) -> T5ForConditionalGeneration:
     config = T5Config(vocab_size=VOCAB, d_model=40, d_kv=10, d_ff=80, num_layers=2, num_decoder_layers=2,
                       num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, **overrides)
     return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_vllm_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """2-layer Llama that vLLM's CPU backend serves: head_dim 64 (its CPU attention refuses 16), d 256,
+    grouped-query attention (4 query heads, 2 key/value heads)."""
+    return tiny_llama(seed, **{"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "head_dim": 64, **overrides})
