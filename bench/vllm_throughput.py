@@ -10,7 +10,8 @@ transformers probes for), and not through pytest (vLLM's engine takes ~40 s to s
 own worker processes). The model is a randomly initialised Llama built from a config (no hub).
 
 What is timed: ``llm.generate`` over the whole request set, greedy, every request generating exactly
-``--new-tokens`` tokens (``ignore_eos``), the median of ``--rounds`` rounds after one warm-up round;
+``--new-tokens`` tokens (``ignore_eos``), the median of ``--rounds`` rounds after one warm-up round,
+every round running every request set in turn (so a slow spell of a shared machine hits them all);
 each round draws fresh token ids (same lengths), so vLLM's prefix cache can share a prompt's blocks
 between requests of one adapter (as in serving) but never a whole request between rounds.
 ``PromptEmbedder.prompts`` (building the prompts) is timed on its own. Prompt tuning at l = 100 and
@@ -80,28 +81,30 @@ def run(args, prefix_caching: bool, path: str, embedder) -> Dict[str, Dict[str, 
     print(f"engine (prefix caching {'on' if prefix_caching else 'off'}) started in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-    results = {}
-    for config in CONFIGS:
-        names = request_names(config, args.requests)
-        embed_s, generate_s = [], []
-        for round_ in range(args.rounds + 1):  # round 0: warm-up
+    embed_s: Dict[str, List[float]] = {config: [] for config in CONFIGS}
+    generate_s: Dict[str, List[float]] = {config: [] for config in CONFIGS}
+    for round_ in range(args.rounds + 1):  # round 0: warm-up; every round runs every request set in turn
+        for config in CONFIGS:
             ids = request_ids(args, seed=1000 * round_ + CONFIGS.index(config))
             t0 = time.perf_counter()
             if config == "token ids":
                 prompts = [TokensPrompt(prompt_token_ids=i) for i in ids]
             else:
-                prompts = embedder.prompts(ids, names)
+                prompts = embedder.prompts(ids, request_names(config, args.requests))
             t1 = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
             t2 = time.perf_counter()
             assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs)
             if round_:
-                embed_s.append(t1 - t0)
-                generate_s.append(t2 - t1)
-        seconds = statistics.median(generate_s)
+                embed_s[config].append(t1 - t0)
+                generate_s[config].append(t2 - t1)
+    results = {}
+    for config in CONFIGS:
+        seconds = statistics.median(generate_s[config])
         results[config] = {"requests_per_s": args.requests / seconds,
                            "generated_tokens_per_s": args.requests * args.new_tokens / seconds,
-                           "generate_s": seconds, "embed_ms": 1000 * statistics.median(embed_s)}
+                           "generate_s": seconds, "generate_s_rounds": generate_s[config],
+                           "embed_ms": 1000 * statistics.median(embed_s[config])}
         print(f"  {config}: {results[config]}", flush=True)
     llm.llm_engine.engine_core.shutdown()
     return results
@@ -127,7 +130,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="default: 0.5 CUDA, 0.1 CPU")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (always eager on CPU)")

@@ -88,7 +88,6 @@ class PromptEmbedder:
             if config.max_length is None and limit is not None:
                 checkpoint.config = config = dataclasses.replace(config, max_length=limit - config.num_prompt_tokens)
             _check_position_limit(model, config.num_prompt_tokens, config.max_length)
-            # TODO(merge with the embed_scale change): pass embed_scale=<the model's> to build_embedding.
             built[name] = build_embedding(checkpoint, embeddings).requires_grad_(False)
         return cls(embeddings, built)
 
