@@ -68,8 +68,9 @@ if [ ${#failed[@]} -ne 0 ]; then echo "install or environment check failed; stop
 # own (docs/serving.md), and an engine start of about a minute: no room within this session's limits.
 # `VLLM=1 OUT=<folder> bash bench/gpu_session.sh` runs it alone (after install and environment), writing
 # $OUT/vllm_throughput.json; without vLLM importable that step is skipped, and so by default.
+has_vllm() { (cd "$SCRATCH" && "$PY" -c "import vllm") > /dev/null 2>&1; }
 if [ "${VLLM:-0}" = 1 ]; then
-    if "$PY" -c "import vllm" > /dev/null 2>&1; then
+    if has_vllm; then
         step vllm-throughput 500 "$PY" "$ROOT/bench/vllm_throughput.py" --requests 256 --input-len 256 \
             --new-tokens 64 --hidden 2048 --layers 16 --out "$OUT/vllm_throughput.json"
     else
@@ -79,7 +80,7 @@ if [ "${VLLM:-0}" = 1 ]; then
     [ ${#failed[@]} -eq 0 ]
     exit
 fi
-"$PY" -c "import vllm" > /dev/null 2>&1 && echo "=== vLLM is importable: VLLM=1 runs its throughput bench" | tee -a "$LOG"
+has_vllm && echo "=== vLLM is importable: VLLM=1 runs its throughput bench" | tee -a "$LOG"
 
 # What needs the GPU: the gpu-marked tests, then the kernel parity suites, whose device fixture is
 # CUDA here (compiled kernels instead of the interpreter). CI runs everything else on CPU.

@@ -15,6 +15,9 @@ turn the caller's token ids into ``inputs_embeds`` before the model runs:
     prompt is already in the cache); m ones are prepended to ``attention_mask``, m x -100 to
     ``labels``, and the model's ``position_ids`` become ``[0..m-1 ; m + pos]``. The returned logits
     cover the m prompt positions too (as in PEFT).
+
+  Generation steps (a cache already holds tokens) embed their new tokens ``E[ids]`` alone, with
+  no update, for adapters attached with ``update_generated=False`` (the DePT authors' generation).
 * encoder-decoder (T5): the encoder input gets the prompt and update (labels are untouched);
   a hook on the model converts ``input_ids`` for its encoder call and extends the mask that the
   decoder's cross-attention sees, a hook on the encoder does the same when ``generate()`` calls
