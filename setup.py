@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["dept_fast", "dept_fast.ops", "dept_fast.modules", "dept_fast.hf", "dept_fast.checkpoint",
-              "dept_fast.kernels"],
+              "dept_fast.vllm", "dept_fast.kernels"],
     package_dir={"dept_fast": "dept_fast", "dept_fast.kernels": "kernels"},
     install_requires=[
         # CPU users: install the CPU wheel of torch first; a bare `torch` may pull a CUDA build.

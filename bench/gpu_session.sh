@@ -14,6 +14,7 @@
 #   bench_model.json     pytest-benchmark JSON of the model-level suites (every other bench/ suite)
 #   RESULTS.md           a copy of bench/RESULTS.md with its CUDA block rewritten from those two files
 #   speedup_cuda.png     the plot RESULTS.md shows
+#   (VLLM=1: vllm_throughput.json only, see below)
 # No tracked file of the checkout is written. Copy RESULTS.md and speedup_cuda.png into bench/ and
 # commit them. Each step has a time limit; a step that reaches it gets SIGINT, so pytest still writes
 # the JSON of what it measured.
@@ -63,6 +64,24 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))
 print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
 EOF
 if [ ${#failed[@]} -ne 0 ]; then echo "install or environment check failed; stopping" | tee -a "$LOG"; exit 1; fi
+
+# vLLM serving throughput (bench/vllm_throughput.py) needs vLLM, which lives in an environment of its
+# own (docs/serving.md), and an engine start of about a minute: no room within this session's limits.
+# `VLLM=1 OUT=<folder> bash bench/gpu_session.sh` runs it alone (after install and environment), writing
+# $OUT/vllm_throughput.json; without vLLM importable that step is skipped, and so by default.
+has_vllm() { (cd "$SCRATCH" && "$PY" -c "import vllm") > /dev/null 2>&1; }
+if [ "${VLLM:-0}" = 1 ]; then
+    if has_vllm; then
+        step vllm-throughput 500 "$PY" "$ROOT/bench/vllm_throughput.py" --requests 256 --input-len 256 \
+            --new-tokens 64 --hidden 2048 --layers 16 --out "$OUT/vllm_throughput.json"
+    else
+        echo "=== vllm-throughput skipped: vllm is not importable by $PY" | tee -a "$LOG"
+    fi
+    echo "=== $(date -u +%FT%TZ) done; failed steps: ${failed[*]:-none}" | tee -a "$LOG"
+    [ ${#failed[@]} -eq 0 ]
+    exit
+fi
+has_vllm && echo "=== vLLM is importable: VLLM=1 runs its throughput bench" | tee -a "$LOG"
 
 # What needs the GPU: the gpu-marked tests, then the kernel parity suites, whose device fixture is
 # CUDA here (compiled kernels instead of the interpreter). CI runs everything else on CPU.

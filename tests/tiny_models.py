@@ -150,3 +150,10 @@ def tiny_pegasus(seed: int = 0, **overrides) -> nn.Module:
     the embedding module, and only when the stack embeds ``input_ids`` itself."""
     return _build("PegasusConfig", "PegasusForConditionalGeneration", seed,
                   {**_BART, "scale_embedding": True, "decoder_start_token_id": 0}, overrides)
+
+
+def tiny_vllm_llama(seed: int = 0, **overrides) -> nn.Module:
+    """2-layer Llama that vLLM's CPU backend serves: head_dim 64 (its CPU attention refuses 16), d 256,
+    grouped-query attention (4 query heads, 2 key/value heads)."""
+    return tiny_llama(seed, **{"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "head_dim": 64, **overrides})

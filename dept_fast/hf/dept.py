@@ -15,6 +15,9 @@ turn the caller's token ids into ``inputs_embeds`` before the model runs:
     prompt is already in the cache); m ones are prepended to ``attention_mask``, m x -100 to
     ``labels``, and the model's ``position_ids`` become ``[0..m-1 ; m + pos]``. The returned logits
     cover the m prompt positions too (as in PEFT).
+
+  Generation steps (a cache already holds tokens) embed their new tokens ``E[ids]`` alone, with
+  no update, for adapters attached with ``update_generated=False`` (the DePT authors' generation).
 * encoder-decoder (T5): the encoder input gets the prompt and update (labels are untouched);
   a hook on the model converts ``input_ids`` for its encoder call and extends the mask that the
   decoder's cross-attention sees, a hook on the encoder does the same when ``generate()`` calls
@@ -52,7 +55,7 @@ DEFAULT_NAME = "default"
 
 def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: int,
                lora_alpha: float = 8.0, share_prompt: Optional[bool] = None,
-               adapter_name: str = DEFAULT_NAME) -> nn.Module:
+               adapter_name: str = DEFAULT_NAME, update_generated: bool = True) -> nn.Module:
     """Freeze ``model`` and attach a fresh DePT adapter to its input embeddings
     (``model.dept_adapters[adapter_name]``; ``model.dept`` while its name is the active one).
 
@@ -78,6 +81,13 @@ def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: 
         adapter_name: the adapter's name (PEFT's convention); more adapters can be attached under
             other names, and a call picks one per row with ``adapter_names=[...]``
             (:mod:`dept_fast.hf.adapters`).
+        update_generated: whether tokens of a pass that extends a generation cache (``generate()``'s
+            steps after the first, or any forward given a non-empty cache) get the low-rank update too
+            (True, at their positions) or ``E[ids]`` alone (False: the DePT authors' ``generate``,
+            which adds the update only while ``past_key_values`` is None, and what vLLM computes,
+            :mod:`dept_fast.vllm`). Stored as ``adapter.update_generated`` (settable); in a mixed batch
+            each row follows its adapter's. Decoder-only models; an encoder-decoder's decoder tokens
+            never get the update.
 
     Returns:
         The same model object, called exactly as before (``input_ids``, ``attention_mask``,
@@ -88,11 +98,12 @@ def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: 
     _check_position_limit(model, num_prompt_tokens, max_length)
     with all_or_nothing(model):  # the adapter freezes E: undone with the rest if the attach is refused
         adapter = FusedDePTEmbedding(word_embeddings, num_prompt_tokens, rank, max_length, lora_alpha)
-        return _attach(model, adapter_name, adapter, share_prompt)
+        return _attach(model, adapter_name, adapter, share_prompt, update_generated)
 
 
 def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Optional[bool] = None, *,
-              max_length: Optional[int] = None, adapter_name: str = DEFAULT_NAME) -> nn.Module:
+              max_length: Optional[int] = None, adapter_name: str = DEFAULT_NAME,
+              update_generated: bool = True) -> nn.Module:
     """Freeze ``model`` and attach the DePT adapter saved in directory ``path`` as ``adapter_name``.
 
     Reads our format (``FusedDePTEmbedding.save_pretrained``), the DePT authors'
@@ -101,8 +112,8 @@ def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Opt
     :mod:`dept_fast.checkpoint.dept`). ``max_length`` is used only for checkpoints that do not record
     one (PEFT prompt tuning); a decoder-only model defaults it to its position limit minus the
     prompt, an encoder-decoder model with relative positions (T5) has no limit and needs it passed.
-    ``share_prompt`` and ``adapter_name`` as in :func:`apply_dept` (a whole-model save is read for
-    its adapter of that name).
+    ``share_prompt``, ``adapter_name`` and ``update_generated`` as in :func:`apply_dept` (a whole-model
+    save is read for its adapter of that name).
     """
     refuse_sharded(model)
     word_embeddings = _word_embeddings(model)
@@ -114,7 +125,8 @@ def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Opt
         checkpoint.config = config = dataclasses.replace(config, max_length=limit - config.num_prompt_tokens)
     _check_position_limit(model, config.num_prompt_tokens, config.max_length)
     with all_or_nothing(model):
-        return _attach(model, adapter_name, build_embedding(checkpoint, word_embeddings), share_prompt)
+        return _attach(model, adapter_name, build_embedding(checkpoint, word_embeddings), share_prompt,
+                       update_generated)
 
 
 def _word_embeddings(model: nn.Module) -> nn.Embedding:
@@ -142,13 +154,17 @@ def _check_position_limit(model: nn.Module, num_prompt_tokens: int, max_length: 
                          f"to at most {limit - num_prompt_tokens}")
 
 
-def _attach(model: nn.Module, name: str, adapter: FusedDePTEmbedding, share_prompt: Optional[bool]) -> nn.Module:
+def _attach(model: nn.Module, name: str, adapter: FusedDePTEmbedding, share_prompt: Optional[bool],
+            update_generated: bool) -> nn.Module:
     """Attach ``adapter`` on its route and verify it (:mod:`dept_fast.hf.verify`); the caller undoes
     everything if this raises. A shared prompt that the self-check refuses falls back to the prompt in
     every row unless ``share_prompt=True`` or the model's DePT adapters already share."""
     refuse_taken(model, DEPT, name)
     if share_prompt not in (None, True, False):
         raise TypeError(f"share_prompt must be None, True or False, got {share_prompt!r}")
+    if not isinstance(update_generated, bool):
+        raise TypeError(f"update_generated must be True or False, got {update_generated!r}")
+    adapter.update_generated = update_generated
     if model.config.is_encoder_decoder and share_prompt:
         raise ValueError(f"share_prompt=True: {type(model).__name__} is an encoder-decoder model; its encoder "
                          "attends both ways, so the prompt's keys/values depend on each row's input and cannot "
@@ -207,7 +223,7 @@ def _probe_adapter(adapter: FusedDePTEmbedding, num_prompt_tokens: int, rank: in
     with own_random_numbers(adapter.weight.device):
         probe = FusedDePTEmbedding(adapter.word_embeddings, num_prompt_tokens, rank, PROBE_TOKENS,
                                    adapter.lora_alpha, embed_scale=adapter.embed_scale)
-    probe.share_prompt = adapter.share_prompt
+    probe.share_prompt, probe.update_generated = adapter.share_prompt, adapter.update_generated
     return probe
 
 
@@ -280,9 +296,18 @@ def _reuse_word_embeddings(module: FusedDePTEmbedding, state_dict: Dict[str, Any
 
 
 def embed_tokens(rows: RowAdapters, input_ids: torch.Tensor, positions: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor], with_prompt: bool) -> torch.Tensor:
+                 attention_mask: Optional[torch.Tensor], with_prompt: bool, generated: bool = False) -> torch.Tensor:
     """``[P ;] E[ids] + scaling * (A @ B)[positions]`` through the rows' adapters: the fused stage
-    when every real token sits at its column, the per-position path otherwise."""
+    when every real token sits at its column, the per-position path otherwise. ``generated``: the pass
+    extends a generation cache, where rows whose adapter has ``update_generated=False`` take ``E[ids]``."""
+    if generated and not all(a.update_generated for a in rows.adapters):
+        keep = [i for i, a in enumerate(rows.adapters) if a.update_generated]
+        if not keep:
+            return rows.adapters[0].word_embeddings(input_ids)
+        renumber = torch.full((len(rows.adapters) + 1,), -1, dtype=torch.long, device=rows.index.device)
+        renumber[keep] = torch.arange(len(keep), device=rows.index.device)  # index -1 reads the last entry: -1
+        rows = RowAdapters(tuple(rows.names[i] for i in keep), tuple(rows.adapters[i] for i in keep),
+                           renumber[rows.index])
     columns = positions_are_columns(positions, attention_mask)
     if rows.uniform:
         adapter = zero3_module(rows.adapters[0])
@@ -495,15 +520,15 @@ class DecoderInputs(_Inputs):
                              f"({seen} cached + {input_ids.shape[1]} new tokens; the prompt is added by the model)")
         positions = token_positions(*input_ids.shape, input_ids.device, mask, kwargs.get("position_ids"), seen)
         if self.shared is not None:
-            return (), self.prompt_shared(module, kwargs, rows, input_ids, positions)
+            return (), self.prompt_shared(module, kwargs, rows, input_ids, positions, generated=past > 0)
         return (), self.prompt_in_sequence(kwargs, rows, slots, input_ids, positions, first_pass=past == 0)
 
     def prompt_shared(self, module: nn.Module, kwargs: Dict[str, Any], rows: RowAdapters, input_ids: torch.Tensor,
-                      positions: torch.Tensor) -> Dict[str, Any]:
+                      positions: torch.Tensor, generated: bool) -> Dict[str, Any]:
         """The rows carry their tokens alone, ``inputs_embeds`` (b, L, d) at positions m + pos; the
         prompts' K/V come from :class:`SharedPrompts` (model positions are shifted there)."""
         kwargs["inputs_embeds"] = embed_tokens(rows, input_ids, positions, kwargs.get("attention_mask"),
-                                               with_prompt=False)
+                                               with_prompt=False, generated=generated)
         kwargs["input_ids"] = None
         if self.takes_position_ids:
             kwargs["position_ids"] = positions
@@ -521,7 +546,8 @@ class DecoderInputs(_Inputs):
                              "before a shorter prompt would move its tokens' positions; give a batch one prompt "
                              "length")
         given_mask, given_positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
-        kwargs["inputs_embeds"] = embed_tokens(rows, input_ids, positions, given_mask, with_prompt=first_pass)
+        kwargs["inputs_embeds"] = embed_tokens(rows, input_ids, positions, given_mask, with_prompt=first_pass,
+                                               generated=not first_pass)
         kwargs["input_ids"] = None
         if given_mask is not None or not rows.uniform:
             if given_mask is None:
