@@ -1,7 +1,8 @@
 """Switching a model onto the prefix attention, and the record of it: :class:`PrefixRoute`.
 
 ``with prefix_route(model) as route:`` switches ``model`` to the prefix attention of
-:mod:`dept_fast.hf.attention` (wrapping the ``"sdpa"`` or ``"eager"`` it used), finds its
+:mod:`dept_fast.hf.attention` (wrapping the implementation it used: sdpa, eager, flex_attention,
+flash_attention_*, a kernel registered by name), finds its
 ``route.stacks`` (the modules whose forward builds positions and masks: ``GPT2Model``,
 ``LlamaModel``, T5's two ``T5Stack``) and probes each once on one token to tag every attention
 module it calls, in call order, with its slot (``route.layouts`` = per stack (layers, kv_heads,
@@ -32,7 +33,7 @@ class PrefixRoute:
     """A model on the prefix attention."""
 
     inner: str
-    """The implementation the prefix attention wraps: "sdpa" or "eager"."""
+    """The implementation the prefix attention wraps ("sdpa", "eager", "flex_attention", ...)."""
     stacks: Dict[str, nn.Module]
     """"decoder" (causal decoders: the base model) or "encoder" and "decoder" (T5's stacks)."""
     layouts: Dict[str, Tuple[int, int, int]]
@@ -105,12 +106,12 @@ def _set_attention(model: nn.Module, stacks: Iterable[nn.Module], implementation
 
 
 def _switch(model: nn.Module, stacks: List[nn.Module], current: str) -> str:
-    """Switch ``model`` and its ``stacks`` from ``current`` to the prefix attention wrapping it."""
-    if current not in ATTENTION_NAMES:
-        raise ValueError(f"prefix attention wraps attn_implementation 'sdpa' or 'eager'; {type(model).__name__} "
-                         f"uses {current!r}. Load the model with attn_implementation='sdpa' (or 'eager')")
-    register()
-    name = ATTENTION_NAMES[current]
+    """Switch ``model`` and its ``stacks`` from ``current`` to the prefix attention wrapping it
+    (:func:`~dept_fast.hf.attention.register` says why when ``current`` cannot carry a prefix)."""
+    try:
+        name = register(current)
+    except ValueError as error:
+        raise ValueError(f"{type(model).__name__}: {error}") from error
     _set_attention(model, stacks, name)
     if any(config._attn_implementation != name for config in [model.config] + [s.config for s in stacks]):
         _set_attention(model, stacks, current)
