@@ -401,8 +401,7 @@ def attend_with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         prefix_key, prefix_value = prefix_key[rows], prefix_value[rows]
     key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
     value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
-    if (inner == "sdpa" and attention_mask is None and causal and q_len > 1 and not prefix.per_row
-            and position_bias is None):
+    if mask_free(inner, attention_mask, causal, q_len, prefix, position_bias):
         return _square_causal(module, query, key, value, **kwargs)
     attention_mask = prefix.joined_mask(attention_mask, (kind, q_len, kv_len, causal), lambda: join_mask(
         kind, attention_mask, prefix.row_valid(batch), n_prefix, batch, q_len, kv_len, causal, query.device,
@@ -411,6 +410,15 @@ def attend_with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         kwargs["position_bias"] = F.pad(position_bias, (n_prefix, 0))
     return call_inner(inner, module, query, key, value, attention_mask, is_causal=causal and kind == "flash",
                       **kwargs)
+
+
+def mask_free(inner: str, attention_mask: Any, causal: bool, q_len: int, prefix: PrefixKV,
+              position_bias: Optional[torch.Tensor]) -> bool:
+    """Whether a layer takes the mask-free form: sdpa, a causal layer with more than one query and no
+    mask (transformers' sdpa mask function returns None for a batch without padding), every row
+    attending to all of one prefix, no additive position bias."""
+    return (inner == "sdpa" and attention_mask is None and causal and q_len > 1 and not prefix.per_row
+            and position_bias is None)
 
 
 def _square_causal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
