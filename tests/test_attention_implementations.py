@@ -59,8 +59,9 @@ def batch(rows: int = len(NAMES), length: int = 7, padded: bool = True) -> dict:
     return dict(input_ids=ids.masked_fill(mask == 0, 0), attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
 
-def step(model: nn.Module, inputs: dict, names=None, backward: bool = True):
-    out = model(**inputs, **({} if names is None else dict(adapter_names=names)))
+def step(model: nn.Module, inputs: dict, names=None, backward: bool = True, call=None):
+    """Logits, loss and gradients of ``model`` (called through ``call``, e.g. its compiled form)."""
+    out = (model if call is None else call)(**inputs, **({} if names is None else dict(adapter_names=names)))
     if not backward:
         return out.logits.detach(), out.loss.detach(), {}
     out.loss.backward()
@@ -166,6 +167,19 @@ def test_flash_kind_kernel_generates_as_sdpa(stand_in):
     inputs = {k: v for k, v in batch().items() if k != "labels"}
     kwargs = dict(adapter_names=NAMES, max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(**inputs, **kwargs), reference.generate(**inputs, **kwargs))
+
+
+@pytest.mark.parametrize("names", [None, ["prefix"] * len(NAMES)], ids=["shared", "prefix"])
+def test_flash_kind_kernel_under_torch_compile(stand_in, names):
+    """torch.compile(fullgraph=True, aot_eager) through the FlashAttention-kind route (the module and
+    config views the kernel reads, traced by Dynamo): eager's numbers. Unpadded: transformers' flash
+    mask function reads a padding mask's values on the host (``attention_mask.all()``), a graph break
+    for the plain model too."""
+    torch._dynamo.reset()
+    model = mixed(stand_in)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    inputs = batch(padded=False)
+    assert_same(step(model, inputs, names, call=compiled), step(model, inputs, names), real_positions(inputs))
 
 
 def test_kernel_with_the_sdpa_mask_function_gets_a_materialised_mask(monkeypatch):
