@@ -135,7 +135,7 @@ def test_other_sizes_compile_nothing_more(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", ["shared", "prefix"])  # inductor compiles take tens of seconds each
 def test_inductor_on_cuda_equals_eager(case):
     """Inductor with the Triton kernels (the prefix MLP's in the graph) on CUDA, fp32: eager's
     numbers within inductor's reordered fp32 reductions (fused softmax, norms; sums of <= 128 terms,
@@ -146,10 +146,9 @@ def test_inductor_on_cuda_equals_eager(case):
     model = adapted(case, device="cuda")
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, fullgraph=True, backend=counter, dynamic=True)
-    names = MIXED if case == "mixed" else None
     frames = []
-    for rows, length in [(len(MIXED), length) for _, length in SHAPES[:2]] if case == "mixed" else SHAPES[:2]:
+    for rows, length in SHAPES[:2]:
         inputs = batch(model, rows, length, device="cuda")
-        assert_same(step(compiled, model, inputs, names), step(model, model, inputs, names), inputs, 1e-4)
+        assert_same(step(compiled, model, inputs), step(model, model, inputs), inputs, 1e-4)
         frames.append(counter.frame_count)
     assert frames[-1] == frames[0], frames
