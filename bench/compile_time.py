@@ -6,13 +6,17 @@ route, in one run (a script, not a benchmark suite: one cold compile per method 
 Methods: plain (the base model, its input embeddings trainable so the backward runs through every
 layer), shared (DePT, the shared prompt), every-row (DePT, the prompt in every row), prefix
 (Prefix-Tuning with its MLP). Each builds the decoder of bench/models.py (scaled down on CPU, with
-``--layers`` layers), resets Dynamo and times the first call of a forward + backward (the compile)
-and a second one, unpadded b 4 x L 32; the inductor FX graph cache is off, so nothing is reused from
-disk (kernels compiled earlier in the same run may still be).
+``--layers`` layers) and times the first call of a forward + backward (the compile) and a second
+one, unpadded b 4 x L 32. Every method runs in a process of its own with an empty inductor cache
+directory, so none reuses kernels another compiled (in one process, later methods would).
 """
 import argparse
 import dataclasses
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from typing import List, Optional
 
@@ -41,34 +45,54 @@ def adapted(method: str, layers: int, device: torch.device) -> nn.Module:
     return model.train()
 
 
+def measure_one(method: str, backend: str, layers: int) -> dict:
+    """Seconds of the first (compiling) and second call of ``method``'s compiled forward + backward."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = adapted(method, layers, device)
+    ids = torch.randint(3, DECODER.config["vocab_size"], (4, 32), device=device)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    times = []
+    for _ in range(2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"method": method, "first_s": times[0], "second_s": times[1], "device": str(device)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_time", description=__doc__.split("\n\n")[0])
-    parser.add_argument("methods", nargs="*", choices=METHODS, help=f"default: all of {METHODS}")
+    parser.add_argument("methods", nargs="*", help=f"any of {METHODS} (default: all)")
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process measuring one method
     args = parser.parse_args(argv)
-    torch._inductor.config.fx_graph_cache = False
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"torch {torch.__version__}, {device}, backend {args.backend}, {args.layers} layers d{DECODER.hidden}")
+    if args.one:
+        print(json.dumps(measure_one(args.one, args.backend, args.layers)))
+        return 0
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {METHODS}")
+    print(f"torch {torch.__version__}, backend {args.backend}, {args.layers} layers d{DECODER.hidden}, "
+          f"{torch.get_num_threads()} threads; each method in a fresh process and inductor cache", flush=True)
     first = {}
     for method in args.methods or METHODS:
-        model = adapted(method, args.layers, device)
-        ids = torch.randint(3, DECODER.config["vocab_size"], (4, 32), device=device)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend=args.backend)
-        times = []
-        for _ in range(2):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            compiled(input_ids=ids, labels=ids).loss.backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        first[method] = times[0]
-        ratio = f", {times[0] / first['plain']:.2f}x plain" if "plain" in first and method != "plain" else ""
-        print(f"{method}: first call (compile) {times[0]:.1f} s{ratio}; second call {times[1] * 1e3:.1f} ms",
-              flush=True)
+        with tempfile.TemporaryDirectory() as cache:
+            child = subprocess.run([sys.executable, "-m", "bench.compile_time", "--one", method, "--backend",
+                                    args.backend, "--layers", str(args.layers)], capture_output=True, text=True,
+                                   env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache,
+                                            TORCHINDUCTOR_FX_GRAPH_CACHE="0"))
+        if child.returncode:
+            print(f"{method}: failed\n{child.stderr[-3000:]}", flush=True)
+            continue
+        record = json.loads(child.stdout.strip().splitlines()[-1])
+        first[method] = record["first_s"]
+        ratio = f", {record['first_s'] / first['plain']:.2f}x plain" if "plain" in first and method != "plain" else ""
+        print(f"{method}: first call (compile) {record['first_s']:.1f} s{ratio}; second call "
+              f"{record['second_s'] * 1e3:.1f} ms ({record['device']})", flush=True)
     return 0
 
 
