@@ -34,7 +34,12 @@ causal_lower_right`` would say the same without the padded rows, but Dynamo cann
 2.13), and its CUDA dispatch calls the flash kernel without grouped-query support, so grouped
 heads would be repeated in every layer. A batch with padding, a mixed batch (per-row prefix slots)
 and T5 (its position bias is an additive tensor, so sdpa needs a mask anyway) take a materialised
-mask, joined once per forward and shared by every layer (:meth:`PrefixKV.joined_mask`).
+mask, joined once per forward and shared by every layer (:meth:`PrefixKV.joined_mask`). Right
+padding included: causality already hides the padding from the real tokens, but without the mask
+the padding rows would attend to each other and their outputs (and any loss term on them) would
+differ from the model's own; and telling right from left padding means reading the mask on the
+host. Where the layout allows it, FlashAttention kernels, padding of any side reaches the kernel as
+its (b, k) mask, never a (b, 1, q, k) one.
 
 One pass's instructions reach the function as the forward keyword argument :data:`PREFIX_KWARG`
 (``dept_prefix``), a :class:`PrefixKV` that transformers hands down to every attention layer and
