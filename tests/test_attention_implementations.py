@@ -16,7 +16,6 @@ Tolerance: the same fp32 math in another kernel (summation order only): TOL[floa
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dept_fast import apply_dept, apply_prefix_tuning
