@@ -1,7 +1,7 @@
 """How long ``torch.compile(model, fullgraph=True)`` takes: the plain model against each adapter
 route, in one run (a script, not a benchmark suite: one cold compile per method is the measurement).
 
-    python -m bench.compile_time [--backend inductor|aot_eager] [--layers N] [METHOD ...]
+    python -m bench.compile_time [--backend inductor|aot_eager] [--layers N] [--dynamic] [METHOD ...]
 
 Methods: plain (the base model, its input embeddings trainable so the backward runs through every
 layer), shared (DePT, the shared prompt), every-row (DePT, the prompt in every row), prefix
@@ -47,13 +47,13 @@ def adapted(method: str, layers: int, device: torch.device) -> nn.Module:
     return model.train()
 
 
-def measure_one(method: str, backend: str, layers: int) -> dict:
+def measure_one(method: str, backend: str, layers: int, dynamic: bool) -> dict:
     """Seconds of the first (compiling) call of ``method``'s compiled forward + backward, and the
     median of calls 4 to 6."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = adapted(method, layers, device)
     ids = torch.randint(3, DECODER.config["vocab_size"], (4, 32), device=device)
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=dynamic or None)
     times = []
     for _ in range(6):
         if device.type == "cuda":
@@ -71,21 +71,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("methods", nargs="*", help=f"any of {METHODS} (default: all)")
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process measuring one method
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure_one(args.one, args.backend, args.layers)))
+        print(json.dumps(measure_one(args.one, args.backend, args.layers, args.dynamic)))
         return 0
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {METHODS}")
-    print(f"torch {torch.__version__}, backend {args.backend}, {args.layers} layers d{DECODER.hidden}, "
+    print(f"torch {torch.__version__}, backend {args.backend}{', dynamic' if args.dynamic else ''}, "
+          f"{args.layers} layers d{DECODER.hidden}, "
           f"{torch.get_num_threads()} threads; each method in a fresh process and inductor cache", flush=True)
     first = {}
     for method in args.methods or METHODS:
         with tempfile.TemporaryDirectory() as cache:
             child = subprocess.run([sys.executable, "-m", "bench.compile_time", "--one", method, "--backend",
-                                    args.backend, "--layers", str(args.layers)], capture_output=True, text=True,
+                                    args.backend, "--layers", str(args.layers)] + ["--dynamic"] * args.dynamic,
+                                   capture_output=True, text=True,
                                    env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache,
                                             TORCHINDUCTOR_FX_GRAPH_CACHE="0"))
         if child.returncode:
