@@ -8,11 +8,14 @@
 # -e .`, offline). Never put the checkout root on PYTHONPATH: there its top-level kernels/ folder
 # answers to `import kernels`, the name of a PyPI package that transformers probes for and imports
 # (without triton that import fails, and `from transformers import ...` with it). Installed, the
-# folder is `dept_fast.kernels` only. Everything it produces goes to $OUT (5 files):
+# folder is `dept_fast.kernels` only. Everything it produces goes to $OUT (6 files):
 #   gpu_session.log      all output, step by step
 #   bench_stage.json     pytest-benchmark JSON of the stage suites (bench/test_*stage*.py)
-#   bench_model.json     pytest-benchmark JSON of the model-level suites (every other bench/ suite)
-#   RESULTS.md           a copy of bench/RESULTS.md with its CUDA block rewritten from those two files
+#   bench_model.json     pytest-benchmark JSON of the model-level suites (every other bench/ suite but
+#                        the next)
+#   bench_attention.json pytest-benchmark JSON of bench/test_attention_step.py (the whole model on the
+#                        prefix attention at L 1024 and 2048, the sdpa kernels each record ran)
+#   RESULTS.md           a copy of bench/RESULTS.md with its CUDA block rewritten from those files
 #   speedup_cuda.png     the plot RESULTS.md shows
 #   (VLLM=1: vllm_throughput.json only, see below)
 # No tracked file of the checkout is written. Copy RESULTS.md and speedup_cuda.png into bench/ and
@@ -46,7 +49,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, log it, reme
     [ "$rc" -eq 0 ] || failed+=("$name (exit $rc$why)")
 }
 
-# Limits add up to 570 s (+20 s grace per interrupted step) for a 600 s device command.
+# Limits add up to 570 s (+20 s grace per interrupted step) for a 600 s device command. No GPU run has
+# measured these steps yet: the limits are estimates, and a step that overruns keeps what it measured.
 step install 25 "$PY" -m pip install --no-deps --no-build-isolation --no-input -q -e "$ROOT"
 step environment 25 "$PY" - "$ROOT" <<'EOF'
 import importlib.util, os, subprocess, sys
@@ -85,20 +89,25 @@ has_vllm && echo "=== vLLM is importable: VLLM=1 runs its throughput bench" | te
 
 # What needs the GPU: the gpu-marked tests, then the kernel parity suites, whose device fixture is
 # CUDA here (compiled kernels instead of the interpreter). CI runs everything else on CPU.
-step gpu-tests 70 "$PY" -m pytest "$ROOT/tests" -q -p no:cacheprovider -m gpu
+step gpu-tests 85 "$PY" -m pytest "$ROOT/tests" -q -p no:cacheprovider -m gpu
 step parity 40 "$PY" -m pytest "$ROOT/tests/test_dept_parity.py" "$ROOT/tests/test_mixed_parity.py" \
     "$ROOT/tests/test_prefix_kv_parity.py" -q -p no:cacheprovider
 
 # Stage suites are the bench/ tests whose names contain "stage"; all others are model-level.
 BENCH=("$PY" -m pytest "$ROOT/bench" --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.2
        --benchmark-columns=min,median,max,rounds --benchmark-sort=name)
-step bench-stage 150 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
+step bench-stage 125 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
 # Model-level: test_model_step.py, test_shared_prompt_step.py, test_prefix_peft_step.py,
-# test_mixed_batch_step.py (32 steps).
-step bench-model 230 "${BENCH[@]}" -k "not stage" --benchmark-json="$OUT/bench_model.json"
+# test_mixed_batch_step.py, test_prompt_reuse.py (36 records).
+step bench-model 180 "${BENCH[@]}" -k "not stage and not attention_step" --benchmark-json="$OUT/bench_model.json"
+# The 8-layer decoder at L 1024 and 2048: no prompt, shared prompt, prefix, PEFT prompt tuning; a
+# training step and generate() of 64 tokens (16 records).
+step bench-attention 60 "${BENCH[@]}" -k attention_step --benchmark-json="$OUT/bench_attention.json"
 
 jsons=()
-for f in "$OUT/bench_stage.json" "$OUT/bench_model.json"; do [ -s "$f" ] && jsons+=("$f"); done
+for f in "$OUT/bench_stage.json" "$OUT/bench_model.json" "$OUT/bench_attention.json"; do
+    [ -s "$f" ] && jsons+=("$f")
+done
 if [ ${#jsons[@]} -ne 0 ]; then
     # The tracked record is copied and the copy updated (the plot lands beside it), in $OUT.
     cp "$ROOT/bench/RESULTS.md" "$OUT/RESULTS.md"

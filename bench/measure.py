@@ -16,6 +16,10 @@ Memory. On CUDA "peak extra" is ``torch.cuda.max_memory_allocated()`` during one
 was allocated just before it (inputs, weights and, in backward mode, the saved forward graph).
 PyTorch has no such counter for CPU tensors, so CPU records have none.
 
+Attention kernels. :func:`sdpa_kernels` names the kernels ``F.scaled_dot_product_attention``
+dispatched to during one extra call (the aten op of each, as the profiler records it): on CUDA
+flash, efficient (memory-efficient), cudnn or math; on CPU its flash kernel or math.
+
 Bandwidth. A record's ``bytes`` is the fewest bytes its op must move (each input read once, each
 output written once). The report divides it by ``ms`` (GB/s) and compares that with
 ``copy_gbps``, a large device-to-device copy timed in the same session (bytes read + written):
@@ -24,6 +28,7 @@ the memory floor of the op is ``bytes / copy_gbps``.
 import gc
 import statistics
 import time
+from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -157,3 +162,25 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+SDPA_KERNELS = {
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+    "aten::_scaled_dot_product_efficient_attention": "efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable",
+    "aten::_scaled_dot_product_attention_math": "math",
+}
+"""The aten op each sdpa kernel runs as (forward; backward ops are not counted)."""
+
+
+def sdpa_kernels(run: Callable[[], object]) -> str:
+    """Which sdpa kernels one call of ``run`` ran, with counts (e.g. "flash x16"); "none" if sdpa
+    never ran. One untimed call under the profiler (CPU activity: it sees the ops of CUDA calls too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    counts = Counter(SDPA_KERNELS[e.name] for e in prof.events() if e.name in SDPA_KERNELS)
+    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items())) or "none"

@@ -157,8 +157,9 @@ def stage_table(records: List[Dict], kind: str) -> List[str]:
 def step_table(records: List[Dict], kind: str) -> List[str]:
     """One model-level kind ("*-step"): time, memory and speed against each record's baseline."""
     by_model = step_groups(records, kind)
+    kernels = any(r.get("sdpa") for methods in by_model.values() for r in methods.values())
     header = ["model", "method", "trainable", "step ms", "speedup vs baseline", "peak extra MiB", "embedding stage ms",
-              "stage % of step"]
+              "stage % of step"] + (["sdpa kernels"] if kernels else [])
     rows, shapes = [], []
     for model, methods in by_model.items():
         shapes.append(f"- {model}: {next(iter(methods.values()))['shape']}")
@@ -169,7 +170,7 @@ def step_table(records: List[Dict], kind: str) -> List[str]:
             rows.append([model, method, f"{r['trainable']:,}", _fmt(r.get("ms"), ".4g"),
                          _fmt(_ratio(base and base.get("ms"), r.get("ms")), ".2f", f"× vs {r.get('baseline')}"),
                          _fmt(extra and extra / MIB, ".0f"), _fmt(r.get("stage_ms"), ".4g"),
-                         _fmt(share and 100 * share, ".2f", "%")])
+                         _fmt(share and 100 * share, ".2f", "%")] + ([r.get("sdpa") or "–"] if kernels else []))
     return _table(header, rows) + [""] + shapes
 
 
@@ -224,6 +225,9 @@ def targets(records: List[Dict]) -> List[Tuple[str, str, str]]:
           [step_speedup(shared, model, "shared", "no-prompt", 1 / 1.1) for model in step_groups(cuda, shared)])
     judge("Shared-prompt step ≥ 1.3× faster than the prompt in every row at L 256, m 100",
           [step_speedup(shared, "L256-m100-r0", "shared", "every-row", 1.3)])
+    judge("Shared-prompt training step within 1.1× of the plain model's at L 1024 and 2048 (8-layer decoder)",
+          [step_speedup("attention-step", f"L{length} train-step", "shared", "no-prompt", 1 / 1.1)
+           for length in (1024, 2048)])
     mixed, modes = "mixed-batch-step", ("train-step", "generate")
     judge("Mixed-task batch within 1.15× of a single-adapter batch of the same size",
           [step_speedup(mixed, mode, "mixed", "single", 1 / 1.15) for mode in modes])

@@ -174,3 +174,24 @@ done
     assert "| t5-base-fp32 (bf16) | forward | fused |" in results and "![speedups](speedup_cuda.png)" in results
     assert (out / "speedup_cuda.png").stat().st_size > 0
     assert digest(TRACKED) == tracked and not (root / "bench" / "speedup_cuda.png").exists()
+
+
+def test_attention_step_target_and_kernels(report):
+    """The shared prompt's training step against the plain model's at L 1024 and 2048; the sdpa
+    kernels each record ran get a column."""
+    def attention(length, method, ms, sdpa="flash x8"):
+        record = step(f"L{length} train-step", method, ms, None if method == "no-prompt" else "no-prompt",
+                      kind="attention-step")
+        return dict(record, sdpa=sdpa)
+
+    name = "Shared-prompt training step within 1.1× of the plain model's at L 1024 and 2048 (8-layer decoder)"
+    records = [attention(1024, "no-prompt", 10.0), attention(1024, "shared", 10.5, "flash x16")]
+    assert verdicts(report, records)[name] == "not measured"  # L 2048 missing
+    records += [attention(2048, "no-prompt", 20.0), attention(2048, "shared", 23.0)]
+    assert verdicts(report, records)[name] == "NOT met"  # 1.15x at L 2048
+    records[-1] = attention(2048, "shared", 21.0)
+    assert verdicts(report, records)[name] == "met"
+    table = report.step_table(records, "attention-step")
+    assert "sdpa kernels" in table[0] and any("| L1024 train-step | shared |" in row and "flash x16" in row
+                                              for row in table)
+    assert "sdpa kernels" not in report.step_table([step("m", "no-prompt", 10.0)], "shared-prompt-step")[0]

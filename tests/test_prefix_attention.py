@@ -1,6 +1,7 @@
 """The registered prefix attention function on its own, against the fp32 reference: GQA, padding
-masks, causal masks with and without a cache, decoding, T5's position bias, both wrapped
-implementations; capture, pass-through of untagged modules, the reentrant guard, positions."""
+masks, causal masks with and without a cache, decoding, per-row prefix slots (mixed batches), the
+mask-free form, T5's position bias, sdpa and eager; capture, pass-through of untagged modules, the
+reentrant guard, positions."""
 import functools
 import inspect
 
@@ -69,6 +70,45 @@ def test_gqa_causal_matches_reference(case, inner):
     ref = prefix_attention_reference(query, key, value, prefix_key, prefix_value, mask, module.scaling, causal=True)
     assert out.shape == (3, q_len, 4, 12)
     assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("inner", ["sdpa", "eager"])
+@pytest.mark.parametrize("mask_kind", ["padding", None], ids=["padded", "no-mask"])
+def test_per_row_prefix_slots_match_reference(mask_kind, inner):
+    """A mixed batch: two prefix sources, the second's last 2 slots padding (``valid``), row 2 on no
+    source (-1); against the reference with each row's valid slots."""
+    module = llama_attention()
+    query, key, value, prefix_key, prefix_value = qkv(3, 4, 2, 6, 6, 12, n_prefix=5)
+    sources = (torch.cat([prefix_key, prefix_key.flip(2)]), torch.cat([prefix_value, prefix_value.flip(2)]))
+    valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    source = torch.tensor([1, 0, -1])
+    mask = padding_mask(3, 6, 6, causal=True) if mask_kind else None
+    spec = PrefixKV([sources], source=source, valid=valid)
+    out, _ = prefix_attention_forward(module, query, key, value, mask, scaling=module.scaling, dept_prefix=spec,
+                                      inner=inner)
+    rows = source.clamp_min(0)
+    ref = prefix_attention_reference(query, key, value, sources[0][rows], sources[1][rows], mask, module.scaling,
+                                     causal=True, prefix_valid=spec.row_valid(3))
+    assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+def test_no_mask_reaches_sdpa_for_an_unpadded_causal_layer(monkeypatch):
+    """The mask-free form: sdpa gets is_causal and no mask over queries padded at the front."""
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, is_causal=False, **kwargs):
+        seen.append((attn_mask, is_causal, query.shape[2], key.shape[2]))
+        return original(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    module = llama_attention()
+    query, key, value, prefix_key, prefix_value = qkv(3, 4, 2, 6, 6, 12, n_prefix=5)
+    out, _ = prefix_attention_forward(module, query, key, value, None, scaling=module.scaling,
+                                      dept_prefix=PrefixKV([(prefix_key, prefix_value)]))
+    assert seen == [(None, True, 11, 11)]
+    ref = prefix_attention_reference(query, key, value, prefix_key, prefix_value, None, module.scaling, causal=True)
+    assert out.shape == (3, 6, 4, 12) and rel_err(out, ref) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("inner", ["sdpa", "eager"])

@@ -9,10 +9,12 @@ A call runs every row with the active adapter, or, given ``adapter_names=[...]``
 PEFT's mixed LoRA batches), each row with its own: the name's adapters, or none for
 :data:`BASE` ("__base__", the plain model). An unknown name is an error, never the base model.
 ``forward`` takes ``adapter_names`` as a keyword argument (it reaches every hook with the other
-kwargs); ``generate``, which refuses arguments its model's forward does not name, is wrapped on
-the model (:class:`GenerateWithAdapterNames`) to take it and hand it to the hooks of that call.
+kwargs, and gradient checkpointing's recomputation too); ``generate`` takes it because the model's
+``prepare_inputs_for_generation`` is wrapped to name it (:class:`PrepareInputsWithAdapterNames`):
+generate() then keeps it among its model kwargs and passes it to every step's forward (and T5's
+encoder call) as that call's own keyword argument. Nothing is read from a global or a context
+variable, so a compiled forward (torch.compile traces no ``ContextVar``) sees the names it is given.
 """
-from contextvars import ContextVar
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -27,31 +29,27 @@ ALIASES = {DEPT: "dept", PREFIX: "prefix_tuning"}
 KIND_NAMES = {DEPT: "DePT", PREFIX: "prefix-tuning"}
 ACTIVE_ATTR = "_dept_fast_active"
 NAMES_KWARG = "adapter_names"
-_generating_names: ContextVar[Optional[List[str]]] = ContextVar("dept_fast_adapter_names", default=None)
 
 
-class GenerateWithAdapterNames:
-    """``model.generate`` taking ``adapter_names=[...]``: the names are set, for this thread or task
-    and for the duration of the call only, where :func:`call_names` finds them (a callable object, so
-    ``copy.deepcopy(model)`` maps it onto the copy)."""
+class PrepareInputsWithAdapterNames:
+    """``model.prepare_inputs_for_generation`` naming ``adapter_names``: generate() refuses model
+    kwargs that neither this function nor (through its ``**kwargs``) the model's forward names, and
+    hands every one it keeps to each step's call of this function; the names go on into that step's
+    forward kwargs. A callable object, so ``copy.deepcopy(model)`` maps it onto the copy."""
 
-    def __init__(self, generate) -> None:
-        self.generate = generate
+    def __init__(self, prepare) -> None:
+        self.prepare = prepare
 
-    def __call__(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
-        if adapter_names is None:
-            return self.generate(*args, **kwargs)
-        token = _generating_names.set(list(adapter_names))
-        try:
-            return self.generate(*args, **kwargs)
-        finally:
-            _generating_names.reset(token)
+    def __call__(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, Any]:
+        inputs = self.prepare(*args, **kwargs)
+        if adapter_names is not None:
+            inputs[NAMES_KWARG] = adapter_names
+        return inputs
 
 
 def call_names(kwargs: Dict[str, Any]) -> Optional[Sequence[str]]:
     """The ``adapter_names`` of the call these forward kwargs belong to (None: the active adapter)."""
-    names = kwargs.get(NAMES_KWARG)
-    return names if names is not None else _generating_names.get()
+    return kwargs.get(NAMES_KWARG)
 
 
 class RowAdapters(NamedTuple):
@@ -101,8 +99,10 @@ def add_adapter(model: nn.Module, kind: str, name: str, adapter: nn.Module) -> b
     container[name] = adapter
     if active_adapter(model) is None:
         model.__dict__[ACTIVE_ATTR] = name
-    if hasattr(model, "generate") and not isinstance(model.__dict__.get("generate"), GenerateWithAdapterNames):
-        model.__dict__["generate"] = GenerateWithAdapterNames(model.generate)
+    prepare = model.__dict__.get("prepare_inputs_for_generation")
+    if hasattr(model, "prepare_inputs_for_generation") and not isinstance(prepare, PrepareInputsWithAdapterNames):
+        model.__dict__["prepare_inputs_for_generation"] = PrepareInputsWithAdapterNames(
+            model.prepare_inputs_for_generation)
     _update_aliases(model)
     return first
 

@@ -1,11 +1,45 @@
 """The prefix attention function: per-layer prefix keys/values joined before each layer's own.
 
-Registered with transformers' ``AttentionInterface`` once per wrapped implementation:
-``"dept_prefix"`` wraps ``"sdpa"``, ``"dept_prefix_eager"`` the model family's own eager function
-(:data:`ATTENTION_NAMES`), so a model's ``config._attn_implementation`` alone says what is
-wrapped. Each name also gets a mask function (transformers' sdpa boolean mask, never skipped, so
-padding and causality always arrive explicitly). A model is switched onto it by
-:mod:`dept_fast.hf.route`.
+Which implementation it wraps. A model is switched (by :mod:`dept_fast.hf.route`) from the
+transformers ``AttentionInterface`` implementation it uses, the *inner* one, to the prefix attention
+wrapping it, registered by :func:`register` under :func:`prefix_name` (``"dept_prefix"`` wraps
+``"sdpa"``, ``"dept_prefix_eager"`` the model family's eager function, ``"dept_prefix_<inner>"``
+any other: ``flex_attention``, ``flash_attention_2``/``_3``/``_4``, a kernel registered by name) with
+the inner implementation's own mask function, so a model's ``config._attn_implementation`` alone
+says what is wrapped and its layers receive the masks the inner implementation would, built by
+transformers once per forward. What such a mask looks like is its *kind*, known from the mask
+function transformers registered for the inner implementation (:func:`mask_kind`), and the prefix
+joins it accordingly (:func:`join_mask`):
+
+* ``sdpa``: (b, 1, q, k) bool, True = attend, or None for a causal batch without padding;
+* ``eager``: the same as a float additive mask;
+* ``flash``: a (b, k) padding mask, or None without padding; causality comes from ``is_causal``, which
+  FlashAttention aligns to the bottom-right corner: a query sees the p prefix keys and its own
+  earlier keys, so a batch without padding needs no mask at all;
+* ``flex``: a ``BlockMask``, rebuilt over p + k keys (its mask function shifted by p, the prefix
+  slots each row's own).
+
+Implementations that cannot carry a prefix are refused, saying why: those without a mask function
+(transformers then gives their layers no mask and the implementation alone decides what a query
+sees, e.g. continuous batching's paged attention, which reads keys and values from its paged cache),
+those with a mask function of no known kind, and FlashAttention builds that align causal masks to
+the top-left corner (a query would see the prefix and lose its last p own keys).
+
+The mask-free fast path. The prefix layout of an unpadded causal batch is causal attention aligned
+to the bottom-right corner: query i sees keys j <= i + p. ``sdpa`` then gets no mask at all:
+``is_causal=True`` over the queries padded at the front with p zero rows, which makes the
+attention square, where sdpa's top-left alignment is the bottom-right one (the kernel's flash case
+on CUDA, and on CPU; the padded rows see at most p keys and are dropped). ``torch.nn.attention.bias.
+causal_lower_right`` would say the same without the padded rows, but Dynamo cannot trace it (torch
+2.13), and its CUDA dispatch calls the flash kernel without grouped-query support, so grouped
+heads would be repeated in every layer. A batch with padding, a mixed batch (per-row prefix slots)
+and T5 (its position bias is an additive tensor, so sdpa needs a mask anyway) take a materialised
+mask, joined once per forward and shared by every layer (:meth:`PrefixKV.joined_mask`). Right
+padding included: causality already hides the padding from the real tokens, but without the mask
+the padding rows would attend to each other and their outputs (and any loss term on them) would
+differ from the model's own; and telling right from left padding means reading the mask on the
+host. Where the layout allows it, FlashAttention kernels, padding of any side reaches the kernel as
+its (b, k) mask, never a (b, 1, q, k) one.
 
 One pass's instructions reach the function as the forward keyword argument :data:`PREFIX_KWARG`
 (``dept_prefix``), a :class:`PrefixKV` that transformers hands down to every attention layer and
@@ -24,6 +58,7 @@ grad (or a prompt pass is being captured), the function refuses with an error.
 """
 import functools
 import inspect
+import re
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -36,8 +71,11 @@ KeyValue = Tuple[torch.Tensor, torch.Tensor]
 
 PREFIX_KWARG = "dept_prefix"
 PREFIX_SLOT_ATTR = "dept_prefix_slot"
-ATTENTION_NAMES = {"sdpa": "dept_prefix", "eager": "dept_prefix_eager"}
-"""Wrapped implementation -> the name the prefix attention wrapping it is registered under."""
+ATTENTION_NAMES: Dict[str, str] = {"sdpa": "dept_prefix", "eager": "dept_prefix_eager"}
+"""Wrapped implementation -> the name the prefix attention wrapping it is registered under (any other
+implementation joins when :func:`register` wraps it)."""
+MASK_KINDS: Dict[str, str] = {"sdpa": "sdpa", "eager": "eager"}
+"""Wrapped implementation -> the kind of mask its layers receive (see the module docstring)."""
 
 
 class PrefixKV:
@@ -45,7 +83,7 @@ class PrefixKV:
 
     A plain object, not a tuple or dict: engines that rebuild containers of tensors found in forward
     kwargs (FSDP2's per-module input casting) then hand every layer this same object, so what the
-    layers write into it (``capture``) reaches the caller.
+    layers write into it (``capture``, the joined masks) reaches the caller and the other layers.
 
     Attributes:
         key_values: per slot, the (key, value) prefixes, each (n, kv_heads, p, head_dim): n = 1 (every
@@ -60,9 +98,10 @@ class PrefixKV:
             is off inside the attention, a reentrant checkpoint has switched it off).
         state: what a hook that set this pass up leaves for the hook that completes it (e.g. the
             shared prompt's labels and logits), carried with the call, never on the model.
+        masks: the masks joined with the prefix columns in this pass (:meth:`joined_mask`).
     """
 
-    __slots__ = ("key_values", "source", "valid", "capture", "grad_enabled", "state")
+    __slots__ = ("key_values", "source", "valid", "capture", "grad_enabled", "state", "masks")
 
     def __init__(self, key_values: Optional[Sequence[KeyValue]] = None, source: Optional[torch.Tensor] = None,
                  valid: Optional[torch.Tensor] = None, capture: Optional[Dict[int, KeyValue]] = None,
@@ -73,6 +112,12 @@ class PrefixKV:
         self.capture = capture
         self.grad_enabled = grad_enabled
         self.state = state
+        self.masks: List[Tuple[Any, tuple, Any]] = []
+
+    @property
+    def per_row(self) -> bool:
+        """Whether rows differ in the prefix slots they attend to (a mixed batch, padded sources)."""
+        return self.source is not None or self.valid is not None
 
     def row_valid(self, batch: int) -> Optional[torch.Tensor]:
         """(b, p) bool: the prefix slots each row attends to; None when every row attends to all of
@@ -84,11 +129,121 @@ class PrefixKV:
             device=self.source.device)
         return valid[self.source.clamp_min(0)] & (self.source >= 0)[:, None]
 
+    def joined_mask(self, attention_mask: Any, layout: tuple, join: Callable[[], Any]) -> Any:
+        """``join()``: ``attention_mask`` with the prefix columns, built by the first layer that
+        receives this mask (transformers hands every layer of a mask type one mask object per
+        forward) and reused by the others, gradient checkpointing's recomputation included;
+        ``layout`` is what else the result depends on (kind, lengths, causality)."""
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.requires_grad:
+            return join()  # a mask in the autograd graph is joined in each layer's own graph
+        for mask, known, joined in self.masks:
+            if mask is attention_mask and known == layout:
+                return joined
+        joined = join()
+        self.masks.append((attention_mask, layout, joined))
+        return joined
+
+
+# ---------------------------------------------------------------------------------------------
+# Which implementations are wrapped, and how
+
+def prefix_name(inner: str) -> str:
+    """The name the prefix attention wrapping ``inner`` is registered under. Characters other than
+    letters, digits and "_" become "_", and "flash" "fa": transformers loads a FlashAttention kernel
+    by the name of any implementation containing "flash", and a hub kernel for names with "/"."""
+    if inner in ATTENTION_NAMES:
+        return ATTENTION_NAMES[inner]
+    return "dept_prefix_" + re.sub(r"[^0-9A-Za-z_]", "_", inner).replace("flash", "fa")
+
 
 def wrapped_implementation(attn_implementation: Optional[str]) -> Optional[str]:
-    """The implementation a prefix attention name wraps ("sdpa"/"eager"), or None for any other name."""
+    """The implementation a prefix attention name wraps, or None for any other name."""
     return {name: inner for inner, name in ATTENTION_NAMES.items()}.get(attn_implementation)
 
+
+def mask_kind(inner: str) -> str:
+    """The kind of mask ``inner``'s layers receive ("sdpa", "eager", "flash" or "flex"; see the module
+    docstring); raises ValueError naming why ``inner`` cannot carry a prefix."""
+    from transformers import masking_utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if inner == "eager":
+        return "eager"
+    if wrapped_implementation(inner) is not None:
+        raise ValueError(f"{inner!r} is the prefix attention itself")
+    if inner not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        raise ValueError(f"{inner!r} is not an attention implementation registered with transformers' "
+                         "AttentionInterface")
+    mask_function = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner)
+    if mask_function is None or "paged" in inner:
+        raise ValueError(
+            f"prefix attention cannot wrap attn_implementation {inner!r}: it has no mask function in transformers' "
+            "AttentionMaskInterface, so its layers get no mask and the implementation alone decides what each query "
+            "sees (continuous batching's paged attention reads keys and values from its paged cache); nothing can "
+            "tell it about prefix keys. Load the model with attn_implementation 'sdpa', 'eager', 'flex_attention' "
+            "or a flash_attention_* one")
+    kinds = {masking_utils.sdpa_mask: "sdpa", masking_utils.eager_mask: "eager",
+             masking_utils.flash_attention_mask: "flash", masking_utils.flex_attention_mask: "flex"}
+    kind = kinds.get(mask_function)
+    if kind is None:
+        raise ValueError(f"prefix attention cannot wrap attn_implementation {inner!r}: its mask function "
+                         f"{getattr(mask_function, '__qualname__', mask_function)!r} is none of transformers' sdpa, "
+                         "eager, flash or flex masks, so what its masks mean, and how prefix columns join them, is "
+                         "unknown")
+    if kind == "flash":
+        _check_flash(inner)
+    return kind
+
+
+def _check_flash(inner: str) -> None:
+    """Refuse a FlashAttention implementation that cannot run here or aligns causal masks top-left."""
+    from transformers import modeling_flash_attention_utils as fa
+
+    if fa.flash_attn_supports_top_left_mask():
+        raise ValueError(f"prefix attention cannot wrap attn_implementation {inner!r}: this FlashAttention build "
+                         "aligns causal masks to the top-left corner (flash-attn < 2.1), so with p prefix keys before "
+                         "its own each query would lose sight of its last p own keys; install flash-attn >= 2.1")
+    try:  # what transformers' set_attn_implementation does for names with "flash" (ours have none)
+        fa.lazy_import_flash_attention(inner)
+    except Exception as error:  # ImportError, or the kernels package's errors
+        raise ValueError(f"prefix attention cannot wrap attn_implementation {inner!r}: its kernel does not load "
+                         f"here ({type(error).__name__}: {error})") from error
+
+
+def register(inner: str = "sdpa") -> str:
+    """Register the prefix attention wrapping ``inner``, with ``inner``'s mask function, with
+    transformers under :func:`prefix_name` (idempotent) and return that name. Raises ValueError naming
+    why when ``inner`` cannot carry a prefix (:func:`mask_kind`). Called when a model is switched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    kind = mask_kind(inner)
+    name = prefix_name(inner)
+    taken = wrapped_implementation(name)
+    if taken not in (None, inner):
+        raise ValueError(f"attn_implementation {inner!r} and {taken!r} both map to the prefix attention name {name!r}")
+    mask_function = ALL_MASK_ATTENTION_FUNCTIONS["eager" if inner == "eager" else inner]
+    if kind == "sdpa" and inner != "sdpa":
+        mask_function = _materialised(mask_function)  # what None means to another kernel is unknown
+    AttentionInterface.register(name, functools.partial(prefix_attention_forward, inner=inner, kind=kind))
+    AttentionMaskInterface.register(name, mask_function)
+    ATTENTION_NAMES[inner] = name
+    MASK_KINDS[inner] = kind
+    return name
+
+
+def _materialised(sdpa_mask: Callable) -> Callable:
+    """transformers' sdpa mask without its skips (never None): for kernels other than sdpa itself."""
+    no_skip = {name: False for name in ("allow_is_causal_skip", "allow_is_bidirectional_skip")
+               if name in inspect.signature(sdpa_mask).parameters}
+
+    def mask(*args, **kwargs) -> Optional[torch.Tensor]:
+        return sdpa_mask(*args, **{**kwargs, **no_skip})
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapped implementations
 
 def _eager_attention(module: nn.Module) -> Callable:
     """The model family's own eager attention (transformers defines one per modeling module)."""
@@ -99,25 +254,71 @@ def _eager_attention(module: nn.Module) -> Callable:
     return function
 
 
+class _ConfigAs:
+    """A config read through, except that ``_attn_implementation`` names the wrapped implementation."""
+
+    def __init__(self, config: Any, inner: str) -> None:
+        self._config, self._attn_implementation = config, inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+class _ModuleAs:
+    """An attention module as the wrapped implementation expects to see it: every attribute read
+    through to ``module`` (live: ``training``, parameters), its ``config`` naming the wrapped
+    implementation (``flash_attention_forward`` loads its kernel by that name)."""
+
+    def __init__(self, module: nn.Module, inner: str) -> None:
+        self._module, self.config = module, _ConfigAs(module.config, inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
 def call_inner(inner: str, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: Optional[torch.Tensor], **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Run the wrapped implementation; eager gets the boolean mask as an additive one."""
+               attention_mask: Any, **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run the wrapped implementation; eager gets a boolean mask as an additive one."""
     if inner == "sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = torch.where(attention_mask, torch.zeros((), dtype=query.dtype, device=query.device),
-                                     torch.finfo(query.dtype).min)
-    return _eager_attention(module)(module, query, key, value, attention_mask, **kwargs)
+    if inner == "eager":
+        return _eager_attention(module)(module, query, key, value, _additive(attention_mask, query.dtype), **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen_as = _ModuleAs(module, inner) if hasattr(module, "config") else module
+    return ALL_ATTENTION_FUNCTIONS[inner](seen_as, query, key, value, attention_mask, **kwargs)
 
 
-def _mask_with_prefix(attention_mask: Optional[torch.Tensor], prefix_valid: Optional[torch.Tensor], n_prefix: int,
-                      batch: int, q_len: int, kv_len: int, causal: bool, device: torch.device) -> Optional[torch.Tensor]:
-    """Give the mask over the own keys ``n_prefix`` leading prefix columns: attend to all of them, or
-    per row to ``prefix_valid`` (b, p). A missing mask means "attend to all" unless the module is
-    causal, where it becomes the causal mask (query i sees own keys j <= i + kv_len - q_len, the
-    alignment a cache gives)."""
+def _additive(attention_mask: Any, dtype: torch.dtype) -> Any:
+    """A boolean mask as an additive one (0 = attend, the dtype's minimum = not); others as they are."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, torch.zeros((), dtype=dtype, device=attention_mask.device),
+                           torch.finfo(dtype).min)
+    return attention_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks over [prefix ; own keys]
+
+def join_mask(kind: str, attention_mask: Any, prefix_valid: Optional[torch.Tensor], n_prefix: int, batch: int,
+              q_len: int, kv_len: int, causal: bool, device: torch.device, dtype: torch.dtype) -> Any:
+    """``attention_mask`` (of ``kind``, over the ``kv_len`` own keys) with ``n_prefix`` leading prefix
+    columns: attend to all of them, or per row to ``prefix_valid`` (b, p). None where none is needed."""
+    if kind == "flash":
+        return _flash_mask(attention_mask, prefix_valid, n_prefix, batch, kv_len, device)
+    if kind == "flex" and not isinstance(attention_mask, torch.Tensor):
+        return _flex_mask(attention_mask, prefix_valid, n_prefix, batch, q_len, kv_len, device)
+    mask = _dense_mask(attention_mask, prefix_valid, n_prefix, batch, q_len, kv_len, causal, device)
+    return _additive(mask, dtype) if kind in ("eager", "flex") else mask
+
+
+def _dense_mask(attention_mask: Optional[torch.Tensor], prefix_valid: Optional[torch.Tensor], n_prefix: int,
+                batch: int, q_len: int, kv_len: int, causal: bool, device: torch.device) -> Optional[torch.Tensor]:
+    """A (b or 1, 1, q, p + k) mask, bool or additive as ``attention_mask``. A missing mask means
+    "attend to all" unless the module is causal, where it becomes the causal mask (query i sees own
+    keys j <= i + kv_len - q_len, the alignment a cache gives)."""
     if attention_mask is None:
         if prefix_valid is None and (not causal or q_len == 1):
             return None
@@ -135,8 +336,45 @@ def _mask_with_prefix(attention_mask: Optional[torch.Tensor], prefix_valid: Opti
     return torch.cat([columns.to(own.dtype), own], dim=-1)
 
 
+def _flash_mask(attention_mask: Optional[torch.Tensor], prefix_valid: Optional[torch.Tensor], n_prefix: int,
+                batch: int, kv_len: int, device: torch.device) -> Optional[torch.Tensor]:
+    """FlashAttention's (b, p + k) padding mask: the prefix slots each row attends to, then the own
+    keys' padding; None (no padding anywhere) stays None. FlashAttention unpads the keys by it and
+    the queries by its last q columns, and aligns causality bottom-right among a row's real keys."""
+    if attention_mask is None and prefix_valid is None:
+        return None
+    own = (torch.ones(batch, kv_len, dtype=torch.bool, device=device) if attention_mask is None
+           else attention_mask[:, -kv_len:].bool())
+    columns = (torch.ones(batch, n_prefix, dtype=torch.bool, device=device) if prefix_valid is None
+               else prefix_valid)
+    return torch.cat([columns, own.expand(batch, kv_len)], dim=-1)
+
+
+def _flex_mask(block_mask: Any, prefix_valid: Optional[torch.Tensor], n_prefix: int, batch: int, q_len: int,
+               kv_len: int, device: torch.device) -> Any:
+    """flex attention's ``BlockMask`` over [prefix ; own keys]: key slot j < p is prefix slot j (every
+    query sees it, or per row ``prefix_valid``), j >= p is own key j - p as ``block_mask`` says
+    (None: every own key)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if block_mask is None and prefix_valid is None:
+        return None
+    own_mod = None if block_mask is None else block_mask.mask_mod
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        own_key = (kv_idx - n_prefix).clamp_min(0)
+        own = own_key >= 0 if own_mod is None else own_mod(b, h, q_idx, own_key)
+        prefix = kv_idx >= 0 if prefix_valid is None else prefix_valid[b, kv_idx.clamp_max(n_prefix - 1)]
+        return torch.where(kv_idx < n_prefix, prefix, own)
+
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=n_prefix + kv_len, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention
+
 def attend_with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: Optional[torch.Tensor], prefix: PrefixKV, slot: int, inner: str,
+                       attention_mask: Any, prefix: PrefixKV, slot: int, inner: str, kind: Optional[str] = None,
                        **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention of ``query`` (b, heads, q, head_dim) over ``[prefix ; own keys]``.
 
@@ -144,21 +382,23 @@ def attend_with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     prefix (n, kv_heads, p, head_dim), expanded to the batch when every row shares it (a view) or
     gathered per row by ``prefix.source`` in a mixed batch (a (b, kv_heads, p, head_dim) copy: the
     concatenation below copies it once more, so a mixed batch materialises the prefix rows twice,
-    never per-row copies of anything else), concatenates it before the layer's keys/values, gives the
-    mask p leading prefix columns (real slots only, per row, in a mixed batch; T5's position bias p
-    zero columns: the prefix has no position) and calls the wrapped implementation with
-    ``is_causal`` off. A fused kernel would attend to the unexpanded prefixes and merge that with
-    each row's own attention by log-sum-exp, never materialising the concatenation; it must keep
-    this signature and return (output (b, q, heads, head_dim), attention weights or None), exactly
-    as the code below. See :func:`dept_fast.ops.prefix_attention_reference` for the math.
+    never per-row copies of anything else), concatenates it before the layer's keys/values, joins
+    the mask (:func:`join_mask`, once per forward; T5's position bias gets p zero columns: the
+    prefix has no position) and calls the wrapped implementation, with ``is_causal`` off except for
+    FlashAttention, whose causal alignment is the prefix layout's. An unpadded causal batch on sdpa
+    takes the mask-free form (see the module docstring). A fused kernel would attend to the
+    unexpanded prefixes and merge that with each row's own attention by log-sum-exp, never
+    materialising the concatenation; it must keep this signature and return (output (b, q, heads,
+    head_dim), attention weights or None), exactly as the code below. See
+    :func:`dept_fast.ops.prefix_attention_reference` for the math.
     """
-    batch = key.shape[0]
+    kind = kind or MASK_KINDS[inner]
+    batch, q_len, kv_len = key.shape[0], query.shape[2], key.shape[2]
     prefix_key, prefix_value = prefix.key_values[slot]
     n_prefix = prefix_key.shape[2]
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", False) if causal is None else causal
-    attention_mask = _mask_with_prefix(attention_mask, prefix.row_valid(batch), n_prefix, batch, query.shape[2],
-                                       key.shape[2], causal, query.device)
+    position_bias = kwargs.get("position_bias")
     if prefix.source is None:
         prefix_key, prefix_value = (t.expand(batch, -1, -1, -1) for t in (prefix_key, prefix_value))
     else:
@@ -166,9 +406,37 @@ def attend_with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         prefix_key, prefix_value = prefix_key[rows], prefix_value[rows]
     key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
     value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
-    if kwargs.get("position_bias") is not None:
-        kwargs["position_bias"] = F.pad(kwargs["position_bias"], (n_prefix, 0))
-    return call_inner(inner, module, query, key, value, attention_mask, is_causal=False, **kwargs)
+    if mask_free(inner, attention_mask, causal, q_len, prefix, position_bias):
+        return _square_causal(module, query, key, value, **kwargs)
+    attention_mask = prefix.joined_mask(attention_mask, (kind, q_len, kv_len, causal), lambda: join_mask(
+        kind, attention_mask, prefix.row_valid(batch), n_prefix, batch, q_len, kv_len, causal, query.device,
+        query.dtype))
+    if position_bias is not None:
+        kwargs["position_bias"] = F.pad(position_bias, (n_prefix, 0))
+    return call_inner(inner, module, query, key, value, attention_mask, is_causal=causal and kind == "flash",
+                      **kwargs)
+
+
+def mask_free(inner: str, attention_mask: Any, causal: bool, q_len: int, prefix: PrefixKV,
+              position_bias: Optional[torch.Tensor]) -> bool:
+    """Whether a layer takes the mask-free form: sdpa, a causal layer with more than one query and no
+    mask (transformers' sdpa mask function returns None for a batch without padding), every row
+    attending to all of one prefix, no additive position bias."""
+    return (inner == "sdpa" and attention_mask is None and causal and q_len > 1 and not prefix.per_row
+            and position_bias is None)
+
+
+def _square_causal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """sdpa with ``is_causal=True`` and no mask over keys (b, kv_heads, k, d) of which the queries
+    (b, heads, q, d) are the last q: the queries padded at the front to k rows of zeros make the
+    attention square, so query i sees keys j <= i + k - q; the padded rows are dropped."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pad = key.shape[2] - query.shape[2]
+    padded = torch.cat([query.new_zeros(query.shape[0], query.shape[1], pad, query.shape[3]), query], dim=2)
+    output, weights = sdpa_attention_forward(module, padded, key, value, None, is_causal=True, **kwargs)
+    return output[:, pad:], weights
 
 
 Call = Tuple[nn.Module, torch.Tensor, bool]
@@ -178,7 +446,9 @@ _probe_calls: ContextVar[Optional[List[Call]]] = ContextVar("dept_fast_probe_cal
 @contextmanager
 def recording_calls() -> Iterator[List[Call]]:
     """Within the context (this thread / task only), every call of the prefix attention appends
-    (module, key, whether it received the kwarg): how :mod:`dept_fast.hf.route` probes a model."""
+    (module, key, whether it received the kwarg) and returns zeros of the attention's output shape
+    without running the wrapped kernel (so probing a flex model compiles nothing): how
+    :mod:`dept_fast.hf.route` probes a model. Never active under torch.compile."""
     calls: List[Call] = []
     token = _probe_calls.set(calls)
     try:
@@ -196,13 +466,16 @@ REENTRANT_ERROR = (
 
 
 def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: Optional[torch.Tensor], dept_prefix: Optional[PrefixKV] = None, *,
-                             inner: str = "sdpa", **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The registered attention function (wrapping ``inner``); see the module docstring."""
+                             attention_mask: Any, dept_prefix: Optional[PrefixKV] = None, *, inner: str = "sdpa",
+                             kind: Optional[str] = None, **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The registered attention function (wrapping ``inner``, whose masks are of ``kind``); see the
+    module docstring."""
     spec = dept_prefix if dept_prefix is not None else PrefixKV()
-    calls = _probe_calls.get()
+    # Dynamo cannot trace ContextVar.get; a probe runs at attach, never compiled.
+    calls = None if torch.compiler.is_compiling() else _probe_calls.get()
     if calls is not None:
         calls.append((module, key, dept_prefix is not None))
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[3]), None
     slot = getattr(module, PREFIX_SLOT_ATTR, None)
     lost_grad = spec.grad_enabled and not torch.is_grad_enabled()
     if slot is not None and spec.capture is not None:
@@ -212,26 +485,5 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if slot is not None and spec.key_values is not None:
         if lost_grad and any(t.requires_grad for t in spec.key_values[slot]):
             raise RuntimeError(REENTRANT_ERROR)
-        return attend_with_prefix(module, query, key, value, attention_mask, spec, slot, inner, **kwargs)
+        return attend_with_prefix(module, query, key, value, attention_mask, spec, slot, inner, kind, **kwargs)
     return call_inner(inner, module, query, key, value, attention_mask, **kwargs)
-
-
-def register() -> None:
-    """Register the prefix attention (and its mask function) under every name of :data:`ATTENTION_NAMES`
-    with transformers; idempotent. Called when a model is switched onto it."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-    no_skip = {name: False for name in ("allow_is_causal_skip", "allow_is_bidirectional_skip")
-               if name in inspect.signature(sdpa_mask).parameters}
-
-    def prefix_attention_mask(*args, **kwargs) -> Optional[torch.Tensor]:
-        """transformers' sdpa mask (bool, True = attend) without its skips: a causal or unpadded mask
-        is materialised rather than left to ``is_causal``, which cannot express the prefix columns
-        (and which an eager implementation would ignore)."""
-        return sdpa_mask(*args, **{**kwargs, **no_skip})
-
-    for inner, name in ATTENTION_NAMES.items():
-        AttentionInterface.register(name, functools.partial(prefix_attention_forward, inner=inner))
-        AttentionMaskInterface.register(name, prefix_attention_mask)

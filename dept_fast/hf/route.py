@@ -1,7 +1,8 @@
 """Switching a model onto the prefix attention, and the record of it: :class:`PrefixRoute`.
 
 ``with prefix_route(model) as route:`` switches ``model`` to the prefix attention of
-:mod:`dept_fast.hf.attention` (wrapping the ``"sdpa"`` or ``"eager"`` it used) and finds its
+:mod:`dept_fast.hf.attention` (wrapping the implementation it used: sdpa, eager, flex_attention,
+flash_attention_*, a kernel registered by name) and finds its
 ``route.stacks``, where the model's own ``forward()`` goes: it runs the model once on a few tokens,
 records which modules are entered and which attention modules call the function, and takes as a
 stack the innermost entered module, above all of a stack's attention layers, whose forward embeds
@@ -27,8 +28,8 @@ from torch import nn
 
 from ..distributed import gathered_forward
 from .adapters import BASE, NAMES_KWARG, adapter_names
-from .attention import (ATTENTION_NAMES, PREFIX_KWARG, PREFIX_SLOT_ATTR, Call, PrefixKV, recording_calls, register,
-                        wrapped_implementation)
+from .attention import (ATTENTION_NAMES, PREFIX_KWARG, PREFIX_SLOT_ATTR, Call, PrefixKV, mask_kind, recording_calls,
+                        register, wrapped_implementation)
 from .transaction import all_or_nothing
 
 ROUTE_ATTR = "_dept_fast_route"
@@ -40,7 +41,7 @@ class PrefixRoute:
     """A model on the prefix attention."""
 
     inner: str
-    """The implementation the prefix attention wraps: "sdpa" or "eager"."""
+    """The implementation the prefix attention wraps ("sdpa", "eager", "flex_attention", ...)."""
     stacks: Dict[str, nn.Module]
     """"decoder" (causal decoders) or "encoder" and "decoder" (T5): the modules where the model's forward
     begins each stack's pass (see the module docstring)."""
@@ -97,9 +98,11 @@ def check_route(model: nn.Module) -> None:
         raise ValueError(f"prefix attention supports causal decoders and the encoder-decoders "
                          f"{ENCODER_DECODER_TYPES}; got model_type {config.model_type!r}")
     current = config._attn_implementation
-    if wrapped_implementation(current) is None and current not in ATTENTION_NAMES:
-        raise ValueError(f"prefix attention wraps attn_implementation 'sdpa' or 'eager'; {type(model).__name__} "
-                         f"uses {current!r}. Load the model with attn_implementation='sdpa' (or 'eager')")
+    if wrapped_implementation(current) is None:
+        try:
+            mask_kind(current)
+        except ValueError as error:
+            raise ValueError(f"{type(model).__name__}: {error}") from error
 
 
 def _submodels(model: nn.Module) -> List[nn.Module]:
@@ -118,8 +121,7 @@ def _set_attention(model: nn.Module, implementation: str) -> None:
 
 def _switch(model: nn.Module, current: str) -> str:
     """Switch ``model`` from ``current`` (checked by :func:`check_route`) to the prefix attention wrapping it."""
-    register()
-    name = ATTENTION_NAMES[current]
+    name = register(current)
     _set_attention(model, name)
     if any(m.config._attn_implementation != name for m in _submodels(model)):
         raise TypeError(f"{type(model).__name__} does not route its attention through transformers' "
@@ -184,7 +186,7 @@ def _find_stacks(model: nn.Module) -> Tuple[Dict[str, nn.Module], Dict[str, List
     kind = type(model).__name__
     calls, entered = _probe(model)
     if not calls:
-        raise TypeError(f"{kind}'s attention layers never called the '{ATTENTION_NAMES['sdpa']}' attention "
+        raise TypeError(f"{kind}'s attention layers never called the {model.config._attn_implementation!r} attention "
                         "function: its attention does not go through transformers' AttentionInterface")
     if not getattr(model.config, "is_encoder_decoder", False):
         modules = [module for module, _, _ in calls]

@@ -1,8 +1,9 @@
 """Where an op runs: the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``) or PyTorch.
 
 CUDA tensors always take the kernels. CPU tensors take the kernels only when the Triton
-interpreter is switched on (``TRITON_INTERPRET=1``, how CI exercises them without a GPU);
-otherwise they take the op's PyTorch reference (``dept_fast.ops.*_reference``).
+interpreter is switched on (``TRITON_INTERPRET=1``, how CI exercises them without a GPU) and
+torch.compile is not tracing (Dynamo cannot trace an interpreted launch); otherwise they take the
+op's PyTorch reference (``dept_fast.ops.*_reference``).
 """
 import importlib.util
 import os
@@ -24,4 +25,4 @@ def use_kernels(tensor: torch.Tensor) -> bool:
         return False
     if tensor.device.type == "cuda":
         return True
-    return tensor.device.type == "cpu" and interpreting()
+    return tensor.device.type == "cpu" and interpreting() and not torch.compiler.is_compiling()

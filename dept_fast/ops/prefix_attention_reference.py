@@ -8,16 +8,21 @@ import torch
 def prefix_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                prefix_key: torch.Tensor, prefix_value: torch.Tensor,
                                attention_mask: Optional[torch.Tensor] = None, scaling: Optional[float] = None,
-                               position_bias: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+                               position_bias: Optional[torch.Tensor] = None, causal: bool = False,
+                               prefix_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention of ``query`` over ``[prefix_key ; key]``, in fp32.
 
     Args:
         query: (b, heads, q, head_dim); key, value: (b, kv_heads, k, head_dim) (heads a multiple of kv_heads).
-        prefix_key, prefix_value: (1 or b, kv_heads, p, head_dim); every query attends to every prefix slot.
+        prefix_key, prefix_value: (1 or b, kv_heads, p, head_dim).
         attention_mask: bool (b or 1, 1, q, k), True = attend, over the own keys only; None: all, or
-            causal (query i sees own keys j <= i + k - q) when ``causal``.
+            causal (query i sees own keys j <= i + k - q: causal aligned to the bottom-right corner of
+            the own keys, so query i sees keys j <= i + p + k - q of [prefix ; own]) when ``causal``.
         scaling: score multiplier, default head_dim ** -0.5.
         position_bias: additive (1 or b, heads, q, k) over the own keys (T5); the prefix gets none.
+        prefix_valid: (b, p) bool, the prefix slots each row attends to (a mixed batch's rows, prefixes
+            of different lengths); None: every query attends to every prefix slot. A query that sees
+            no key at all gets zeros.
 
     Returns:
         (b, q, heads, head_dim) in ``query.dtype`` (the layout transformers' attention functions return).
@@ -36,4 +41,6 @@ def prefix_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
         attention_mask = positions <= torch.arange(q_len, device=query.device)[:, None] + own - q_len
     if attention_mask is not None:
         scores[..., n_prefix:] = scores[..., n_prefix:].masked_fill(~attention_mask, float("-inf"))
-    return (scores.softmax(-1) @ values).to(query.dtype).transpose(1, 2)
+    if prefix_valid is not None:
+        scores[..., :n_prefix] = scores[..., :n_prefix].masked_fill(~prefix_valid[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1).nan_to_num(0.0) @ values).to(query.dtype).transpose(1, 2)
