@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dept_fast import apply_dept, apply_prefix_tuning
+from dept_fast import apply_dept, apply_prefix_tuning, enable_activation_checkpointing
 from dept_fast.hf import attention
 from dept_fast.hf.attention import PREFIX_SLOT_ATTR
 from dept_models import M, R, S, padded_batch
@@ -101,6 +101,7 @@ def test_unpadded_passes_reach_sdpa_without_a_mask(family, kind, with_mask, sdpa
     """Forward and backward of an unpadded batch: no sdpa call (prompt pass, input pass) gets a mask
     tensor, every one is causal, and no mask is joined."""
     model = adapted(family, kind)
+    sdpa_masks.clear(), joins.clear()  # the attach's self-check ran the model
     step(model, unpadded(model, with_mask=with_mask))
     layers = model.config.num_hidden_layers
     assert len(sdpa_masks) == layers * (2 if kind == "shared-prompt" else 1)
@@ -116,6 +117,7 @@ def test_mask_free_equals_the_materialised_path(family, kind, monkeypatch, sdpa_
     switched off (a boolean mask over [prefix ; own keys] in every layer)."""
     model = adapted(family, kind)
     batch = unpadded(model)
+    sdpa_masks.clear()  # the attach's self-check ran the model
     fast = step(model, batch)
     assert all(mask is None for mask, _, _ in sdpa_masks)
     monkeypatch.setattr(attention, "mask_free", lambda *args: False)
@@ -138,8 +140,9 @@ def test_padded_batch_joins_its_mask_once_per_forward(family, kind, checkpointin
     """A left-padded batch's mask is joined with the prefix columns by the first layer and shared by
     the others (one mask object per stack, also through checkpointing's recomputation)."""
     model = adapted(family, kind)
+    joins.clear()  # the attach's self-check ran the model
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     received = {}
     original = attention.call_inner
 

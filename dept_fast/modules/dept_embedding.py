@@ -168,10 +168,9 @@ def mixed_dept_embedding(adapters: Sequence[FusedDePTEmbedding], adapter_index: 
     first = adapters[0]
     if any(a.word_embeddings is not first.word_embeddings for a in adapters):
         raise ValueError("the adapters of a mixed batch must wrap the same word embeddings")
-    scales = sorted({a.embed_scale for a in adapters})
-    if len(scales) > 1:
+    if any(a.embed_scale != first.embed_scale for a in adapters):
         raise ValueError(f"the adapters of a mixed batch must share one embed_scale (the model's embedding "
-                         f"multiplier), got {scales}")
+                         f"multiplier), got {sorted({a.embed_scale for a in adapters})}")
     prompts = [a.prompt if with_prompt else a.prompt[:0] for a in adapters]
     return dept_embedding_mixed(input_ids, adapter_index, first.weight, prompts, [a.lora_A for a in adapters],
                                 [a.lora_B for a in adapters], [a.scaling for a in adapters], positions=positions,

@@ -67,7 +67,10 @@ def check_in_range(name: str, values: torch.Tensor, high: Union[int, torch.Tenso
 
 def check_embed_scale(embed_scale: float) -> float:
     """``embed_scale`` as a float: a finite real number (a Python float or int, not a tensor: reading a
-    tensor's value would synchronise with its device on every call)."""
+    tensor's value would synchronise with its device on every call). Under torch.compile, where the
+    value may be symbolic, it is taken as it is (it was checked where the adapter was built)."""
+    if torch.compiler.is_compiling():
+        return embed_scale
     need(isinstance(embed_scale, numbers.Real) and not isinstance(embed_scale, bool),
          f"embed_scale must be a Python float, got {type(embed_scale).__name__}"
          + (" (pass float(tensor), read once where the adapter is built)" if isinstance(embed_scale, torch.Tensor)
