@@ -47,7 +47,7 @@ _EXPORTS = {
     "DePTEmbeddingFunction": "ops", "dept_embedding": "ops", "dept_embedding_reference": "ops",
     "apply_dept": "hf", "load_dept": "hf", "apply_prefix_tuning": "hf", "load_prefix_tuning": "hf",
     "serving": "hf", "set_adapter": "hf", "active_adapter": "hf", "param_groups": "optim", "budget": "budget", "trainable_parameters": "summary",
-    "enable_activation_checkpointing": "compat",
+    "enable_activation_checkpointing": "compat", "unfreeze_adapters": "hf",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

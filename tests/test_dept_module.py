@@ -191,5 +191,5 @@ def test_bad_constructor_arguments(kwargs, match):
     base = dict(num_prompt_tokens=4, rank=2, max_length=8)
     with pytest.raises(ValueError, match=match):
         FusedDePTEmbedding(nn.Embedding(10, 8), **{**base, **kwargs})
-    with pytest.raises(TypeError, match="nn.Embedding"):
+    with pytest.raises(TypeError, match="Linear does not take token ids"):
         FusedDePTEmbedding(nn.Linear(10, 8), **base)

@@ -134,9 +134,14 @@ def test_base_rows_are_the_plain_model():
 
 
 @FAMILY_ROUTES
-def test_greedy_generate_gives_each_rows_own_tokens(family, share):
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+def test_greedy_generate_gives_each_rows_own_tokens(family, share, padded):
+    """Left-padded rows, and an unpadded batch (generate() then drops the all-ones mask: the cached
+    steps' mask must still cover every row's prompt slots and cached tokens)."""
     model = mixed_model(family, share)
     inputs = {k: v for k, v in batch(family).items() if k in ("input_ids", "attention_mask")}
+    if not padded:
+        inputs = {"input_ids": inputs["input_ids"], "attention_mask": torch.ones_like(inputs["input_ids"])}
     with torch.no_grad():
         mixed = model.generate(**inputs, adapter_names=NAMES, max_new_tokens=5, do_sample=False)
         for i, name in enumerate(NAMES):

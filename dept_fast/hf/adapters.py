@@ -29,6 +29,11 @@ ALIASES = {DEPT: "dept", PREFIX: "prefix_tuning"}
 KIND_NAMES = {DEPT: "DePT", PREFIX: "prefix-tuning"}
 ACTIVE_ATTR = "_dept_fast_active"
 NAMES_KWARG = "adapter_names"
+ROWS_KWARG = "dept_fast_adapter_names"
+"""The forward (and generate) kwarg the rows' names travel under inside the model: set from
+``adapter_names`` where a wrapper that takes that name for itself (PEFT) would drop it before the
+model (:mod:`dept_fast.hf.peft_models`), and by the library's own internal passes (the shared
+prompt's pass, the self-check's probes), which must not change what PEFT is told."""
 
 
 class PrepareInputsWithAdapterNames:
@@ -40,16 +45,21 @@ class PrepareInputsWithAdapterNames:
     def __init__(self, prepare) -> None:
         self.prepare = prepare
 
-    def __call__(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, Any]:
+    def __call__(self, *args, adapter_names: Optional[Sequence[str]] = None,
+                 dept_fast_adapter_names: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, Any]:
         inputs = self.prepare(*args, **kwargs)
         if adapter_names is not None:
             inputs[NAMES_KWARG] = adapter_names
+        if dept_fast_adapter_names is not None:
+            inputs[ROWS_KWARG] = dept_fast_adapter_names
         return inputs
 
 
 def call_names(kwargs: Dict[str, Any]) -> Optional[Sequence[str]]:
-    """The ``adapter_names`` of the call these forward kwargs belong to (None: the active adapter)."""
-    return kwargs.get(NAMES_KWARG)
+    """The rows' adapter names of the call these forward kwargs belong to (:data:`ROWS_KWARG`, else
+    ``adapter_names``; None: the active adapter)."""
+    names = kwargs.get(ROWS_KWARG)
+    return names if names is not None else kwargs.get(NAMES_KWARG)
 
 
 class RowAdapters(NamedTuple):

@@ -23,14 +23,20 @@ Hook = Tuple[nn.Module, str, Callable]
 
 def attach(model: nn.Module, kind: str, name: str, adapter: nn.Module, config: Dict[str, Any],
            hooks: Callable[[], List[Hook]]) -> nn.Module:
-    """Freeze ``model``, register ``adapter`` as adapter ``name`` of ``kind`` (its parameters stay
-    trainable; see :mod:`dept_fast.hf.adapters`), record ``config`` under
+    """Freeze ``model`` if it is a plain one, register ``adapter`` as adapter ``name`` of ``kind`` (its
+    parameters stay trainable; see :mod:`dept_fast.hf.adapters`), record ``config`` under
     ``model.config.dept_fast[kind][name]``, and register ``hooks()`` if it is the model's first
-    adapter of this kind (one set of hooks serves all adapters of a kind)."""
+    adapter of this kind (one set of hooks serves all adapters of a kind).
+
+    A plain model (every parameter trainable, as built or loaded) has its base frozen. A model where
+    something is frozen already has its trainable parameters chosen (PEFT's LoRA, a user's choice, the
+    first adapter's freezing): its flags are kept, so nothing made trainable is frozen."""
     adapters = {id(p) for container in CONTAINERS.values() if container in model._modules
                 for p in model._modules[container].parameters()}
-    for p in model.parameters():  # the base model; adapters attached before keep their flags
-        if id(p) not in adapters:
+    adapters |= {id(p) for p in adapter.parameters()}  # the new adapter's, and what it wraps (it froze E)
+    base = [p for p in model.parameters() if id(p) not in adapters]
+    if all(p.requires_grad for p in base):
+        for p in base:
             p.requires_grad_(False)
     first = add_adapter(model, kind, name, adapter)
     records = dict(getattr(model.config, MODEL_CONFIG_KEY, {}))

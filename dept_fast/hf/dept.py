@@ -40,9 +40,10 @@ from torch import nn
 
 from ..checkpoint.dept import adapter_config, build_embedding, read_checkpoint
 from ..distributed import refuse_sharded, refuse_zero3, zero3_module
-from ..modules.dept_embedding import FusedDePTEmbedding, mixed_dept_embedding
+from ..modules.dept_embedding import FusedDePTEmbedding, mixed_dept_embedding, table_size
 from .adapters import DEPT, PREFIX, RowAdapters, adapters_of, call_names, refuse_taken, row_adapters
 from .attach import attach, forward_arguments
+from .peft_models import attach_through
 from .positions import cached_length, generation_cache, positions_are_columns, token_positions
 from .route import check_attention_window, check_route, prefix_route, route_of
 from .shared_prompt import SharedPrompts
@@ -93,12 +94,15 @@ def apply_dept(model: nn.Module, num_prompt_tokens: int, rank: int, max_length: 
         The same model object, called exactly as before (``input_ids``, ``attention_mask``,
         ``labels``, ``generate``, plus ``adapter_names``); only the adapters' parameters require grad.
     """
-    refuse_sharded(model)
-    word_embeddings = _word_embeddings(model)
-    _check_position_limit(model, num_prompt_tokens, max_length)
-    with all_or_nothing(model):  # the adapter freezes E: undone with the rest if the attach is refused
-        adapter = FusedDePTEmbedding(word_embeddings, num_prompt_tokens, rank, max_length, lora_alpha)
-        return _attach(model, adapter_name, adapter, share_prompt, update_generated)
+    def attach_to(target: nn.Module) -> nn.Module:
+        refuse_sharded(target)
+        word_embeddings = _word_embeddings(target)
+        _check_position_limit(target, num_prompt_tokens, max_length)
+        with all_or_nothing(target):  # the adapter freezes E: undone with the rest if the attach is refused
+            adapter = FusedDePTEmbedding(word_embeddings, num_prompt_tokens, rank, max_length, lora_alpha)
+            return _attach(target, adapter_name, adapter, share_prompt, update_generated)
+
+    return attach_through(model, attach_to)
 
 
 def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Optional[bool] = None, *,
@@ -115,18 +119,21 @@ def load_dept(model: nn.Module, path: Union[str, os.PathLike], share_prompt: Opt
     ``share_prompt``, ``adapter_name`` and ``update_generated`` as in :func:`apply_dept` (a whole-model
     save is read for its adapter of that name).
     """
-    refuse_sharded(model)
-    word_embeddings = _word_embeddings(model)
-    refuse_taken(model, DEPT, adapter_name)
-    checkpoint = read_checkpoint(path, word_embeddings.embedding_dim, max_length, adapter_name)
-    config = checkpoint.config
-    limit = _position_limit(model)
-    if config.max_length is None and limit is not None and not model.config.is_encoder_decoder:
-        checkpoint.config = config = dataclasses.replace(config, max_length=limit - config.num_prompt_tokens)
-    _check_position_limit(model, config.num_prompt_tokens, config.max_length)
-    with all_or_nothing(model):
-        return _attach(model, adapter_name, build_embedding(checkpoint, word_embeddings), share_prompt,
-                       update_generated)
+    def attach_to(target: nn.Module) -> nn.Module:
+        refuse_sharded(target)
+        word_embeddings = _word_embeddings(target)
+        refuse_taken(target, DEPT, adapter_name)
+        checkpoint = read_checkpoint(path, table_size(word_embeddings)[1], max_length, adapter_name)
+        config = checkpoint.config
+        limit = _position_limit(target)
+        if config.max_length is None and limit is not None and not target.config.is_encoder_decoder:
+            checkpoint.config = config = dataclasses.replace(config, max_length=limit - config.num_prompt_tokens)
+        _check_position_limit(target, config.num_prompt_tokens, config.max_length)
+        with all_or_nothing(target):
+            return _attach(target, adapter_name, build_embedding(checkpoint, word_embeddings), share_prompt,
+                           update_generated)
+
+    return attach_through(model, attach_to)
 
 
 def _word_embeddings(model: nn.Module) -> nn.Embedding:
@@ -134,9 +141,10 @@ def _word_embeddings(model: nn.Module) -> nn.Embedding:
         raise TypeError(f"expected a transformers model (with .config and .get_input_embeddings()), "
                         f"got {type(model).__name__}")
     embeddings = model.get_input_embeddings()
-    if not isinstance(embeddings, nn.Embedding):
-        raise TypeError(f"{type(model).__name__}.get_input_embeddings() is a {type(embeddings).__name__}, "
-                        "not an nn.Embedding; DePT needs a plain embedding table")
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(embeddings, nn.Module) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(model).__name__}.get_input_embeddings() is a {type(embeddings).__name__} without a "
+                        "weight; DePT needs an embedding table")
     return embeddings
 
 
@@ -284,11 +292,14 @@ def _share_prompt(model: nn.Module, name: str, adapter: FusedDePTEmbedding, shar
 
 
 def _drop_word_embeddings(module: FusedDePTEmbedding, state_dict: Dict[str, Any], prefix: str, *_) -> None:
-    state_dict.pop(prefix + "word_embeddings.weight", None)
+    """The embedding module's tensors (E, and a wrapper's own, e.g. LoRA's) belong to the model."""
+    for key in [key for key in state_dict if key.startswith(prefix + "word_embeddings.")]:
+        del state_dict[key]
 
 
 def _reuse_word_embeddings(module: FusedDePTEmbedding, state_dict: Dict[str, Any], prefix: str, *_) -> None:
-    state_dict.setdefault(prefix + "word_embeddings.weight", module.word_embeddings.weight.detach())
+    for key, tensor in module.word_embeddings.state_dict().items():
+        state_dict.setdefault(prefix + "word_embeddings." + key, tensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,7 +532,7 @@ class DecoderInputs(_Inputs):
         positions = token_positions(*input_ids.shape, input_ids.device, mask, kwargs.get("position_ids"), seen)
         if self.shared is not None:
             return (), self.prompt_shared(module, kwargs, rows, input_ids, positions, generated=past > 0)
-        return (), self.prompt_in_sequence(kwargs, rows, slots, input_ids, positions, first_pass=past == 0)
+        return (), self.prompt_in_sequence(kwargs, rows, slots, input_ids, positions, first_pass=past == 0, seen=seen)
 
     def prompt_shared(self, module: nn.Module, kwargs: Dict[str, Any], rows: RowAdapters, input_ids: torch.Tensor,
                       positions: torch.Tensor, generated: bool) -> Dict[str, Any]:
@@ -535,7 +546,8 @@ class DecoderInputs(_Inputs):
         return self.shared.input_kwargs(module, kwargs, rows, shift_positions=self.takes_position_ids)
 
     def prompt_in_sequence(self, kwargs: Dict[str, Any], rows: RowAdapters, slots: PromptSlots,
-                           input_ids: torch.Tensor, positions: torch.Tensor, first_pass: bool) -> Dict[str, Any]:
+                           input_ids: torch.Tensor, positions: torch.Tensor, first_pass: bool,
+                           seen: int) -> Dict[str, Any]:
         """Every row carries its prompt: ``inputs_embeds`` (b, M + L, d) on the first pass, each prompt
         left-padded to the longest M and its padding masked."""
         batch, device = input_ids.shape[0], input_ids.device
@@ -550,8 +562,8 @@ class DecoderInputs(_Inputs):
                                                generated=not first_pass)
         kwargs["input_ids"] = None
         if given_mask is not None or not rows.uniform:
-            if given_mask is None:
-                given_mask = torch.ones(batch, input_ids.shape[1], dtype=torch.long, device=device)
+            if given_mask is None:  # every cached and new token is real (generate() drops an all-ones mask)
+                given_mask = torch.ones(batch, seen + input_ids.shape[1], dtype=torch.long, device=device)
             kwargs["attention_mask"] = _prepend(given_mask, slots.mask(batch, device))
         if first_pass and kwargs.get("labels") is not None:  # a row without a prompt predicts no first label
             labels = kwargs["labels"]

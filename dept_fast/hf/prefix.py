@@ -26,6 +26,7 @@ from .adapters import DEPT, PREFIX, adapters_of, call_names, refuse_taken, row_a
 from .attach import attach, forward_arguments, prefix_pass
 from .attention import KeyValue
 from .dept import DEFAULT_NAME, decoder_inputs
+from .peft_models import attach_through
 from .positions import CACHE_KWARGS, cached_length
 from .route import PrefixRoute, check_attention_window, check_route, prefix_route
 from .transaction import all_or_nothing
@@ -57,8 +58,11 @@ def apply_prefix_tuning(model: nn.Module, prefix_len: int, projection_dim: Optio
         ``model.gradient_checkpointing_enable()``; reentrant checkpointing is switched to
         non-reentrant with a warning.
     """
-    refuse_sharded(model)
-    return _attach(model, adapter_name, (prefix_len, projection_dim))
+    def attach_to(target: nn.Module) -> nn.Module:
+        refuse_sharded(target)
+        return _attach(target, adapter_name, (prefix_len, projection_dim))
+
+    return attach_through(model, attach_to)
 
 
 def load_prefix_tuning(model: nn.Module, path: PathLike, adapter_name: str = DEFAULT_NAME) -> nn.Module:
@@ -67,10 +71,13 @@ def load_prefix_tuning(model: nn.Module, path: PathLike, adapter_name: str = DEF
     whole-model save of a model with prefixes (``model.save_pretrained``, the HF Trainer; its
     adapter of that name). Raises ValueError when the checkpoint's layers, heads or head width do
     not match the model's."""
-    refuse_sharded(model)
-    refuse_taken(model, PREFIX, adapter_name)
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    return _attach(model, adapter_name, read_prefix_checkpoint(path, encoder_decoder, adapter_name))
+    def attach_to(target: nn.Module) -> nn.Module:
+        refuse_sharded(target)
+        refuse_taken(target, PREFIX, adapter_name)
+        encoder_decoder = bool(getattr(target.config, "is_encoder_decoder", False))
+        return _attach(target, adapter_name, read_prefix_checkpoint(path, encoder_decoder, adapter_name))
+
+    return attach_through(model, attach_to)
 
 
 def _hidden_size(model: nn.Module) -> Optional[int]:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..distributed import gathered_forward
-from .adapters import BASE, NAMES_KWARG, adapter_names
+from .adapters import BASE, ROWS_KWARG, adapter_names
 from .attention import (ATTENTION_NAMES, PREFIX_KWARG, PREFIX_SLOT_ATTR, Call, PrefixKV, mask_kind, recording_calls,
                         register, wrapped_implementation)
 from .transaction import all_or_nothing
@@ -144,7 +144,7 @@ def _probe(model: nn.Module, stack_kwargs: Optional[Dict[nn.Module, dict]] = Non
     if encoder_decoder:
         inputs["decoder_input_ids"] = torch.zeros((1, DECODER_TOKENS), dtype=torch.long, device=device)
     if adapter_names(model):  # the model's adapters stay out of the probe
-        inputs[NAMES_KWARG] = [BASE]
+        inputs[ROWS_KWARG] = [BASE]
     entered: Set[int] = set()
     handles = [m.register_forward_pre_hook(lambda module, args: entered.add(id(module))) for m in model.modules()]
     for module, extra in (stack_kwargs or {}).items():

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..distributed import zero3_module
 from ..modules.dept_embedding import FusedDePTEmbedding
-from .adapters import BASE, NAMES_KWARG, RowAdapters
+from .adapters import BASE, ROWS_KWARG, RowAdapters
 from .attach import prefix_pass
 from .attention import PREFIX_KWARG, KeyValue
 from .positions import generation_cache
@@ -149,7 +149,7 @@ class SharedPrompts:
         no_ids = torch.empty((1, 0), dtype=torch.long, device=adapters[0].weight.device)
         prompts = torch.cat([F.pad(zero3_module(a)(no_ids), (0, 0, longest - a.num_prompt_tokens, 0))
                              for a in adapters])
-        kwargs: Dict[str, Any] = {"inputs_embeds": prompts, "use_cache": False, NAMES_KWARG: [BASE] * len(adapters)}
+        kwargs: Dict[str, Any] = {"inputs_embeds": prompts, "use_cache": False, ROWS_KWARG: [BASE] * len(adapters)}
         valid = None
         if min(lengths) != longest:
             if not self.takes_position_ids:

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..distributed import gathered, gathered_forward
-from .adapters import BASE, CONTAINERS, DEPT, NAMES_KWARG, PREFIX, adapter_names
+from ..modules.dept_embedding import table_size
+from .adapters import BASE, CONTAINERS, DEPT, PREFIX, ROWS_KWARG, adapter_names
 
 PROBE = "__dept_fast_probe__"
 """The name temporary probe adapters are registered under (a name users cannot give)."""
@@ -79,7 +80,7 @@ def probing(model: nn.Module, *tensors: torch.Tensor) -> Iterator[None]:
 def plain_call(model: nn.Module, **inputs) -> Any:
     """``model(**inputs)`` as the plain model: its adapters (if any are attached yet) take no row."""
     if adapter_names(model):
-        inputs[NAMES_KWARG] = [BASE] * next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+        inputs[ROWS_KWARG] = [BASE] * next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
     return model(**inputs)
 
 
@@ -173,7 +174,7 @@ class DePTProbe:
         with probing(model, self.embeddings.weight):
             identity = probe_adapter(0, 1)
             with temporary_adapter(model, DEPT, identity):
-                got = _logits(model(input_ids=self.ids, **self.decoder, **{NAMES_KWARG: [PROBE]}))
+                got = _logits(model(input_ids=self.ids, **self.decoder, **{ROWS_KWARG: [PROBE]}))
             _require(got.shape == self.plain.shape and _relative(got, self.plain) <= tol, model,
                      "with a DePT adapter at its identity (no prompt, zero update) the model does not give the plain "
                      "model's logits: its forward does not give the plain model's outputs when fed its own "
@@ -186,12 +187,12 @@ class DePTProbe:
                     p.copy_(value)
             labels = None if self.decoder else self.ids
             with temporary_adapter(model, DEPT, perturbed):
-                out = model(input_ids=self.ids, labels=labels, **self.decoder, **{NAMES_KWARG: [PROBE]})
+                out = model(input_ids=self.ids, labels=labels, **self.decoder, **{ROWS_KWARG: [PROBE]})
                 generated = None
                 if self.generated is not None:
                     generated = model.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids),
                                                max_new_tokens=1, min_new_tokens=1, do_sample=False, output_logits=True,
-                                               return_dict_in_generate=True, adapter_names=[PROBE]).logits[0]
+                                               return_dict_in_generate=True, **{ROWS_KWARG: [PROBE]}).logits[0]
             got = _logits(out)
             reference = self.reference[:, -got.shape[1]:]  # a shared prompt's logits cover the inputs only
             _require(_relative(got[:, -self.plain.shape[1]:], self.plain) > tol, model,
@@ -226,7 +227,7 @@ class PrefixProbe:
         embeddings = model.get_input_embeddings()
         device = next(model.parameters()).device
         with probing(model):
-            ids = _probe_ids(model, embeddings.num_embeddings, device)
+            ids = _probe_ids(model, table_size(embeddings)[0], device)
             decoder = _decoder_start(model, device)
             return cls(ids, decoder, _logits(plain_call(model, input_ids=ids, **decoder)))
 
@@ -240,7 +241,7 @@ class PrefixProbe:
             _require(_relative(got, self.plain) <= tol, model,
                      "on the prefix attention without a prefix the model does not give its own logits")
             with temporary_adapter(model, PREFIX, probe_adapter):
-                got = _logits(model(input_ids=self.ids, **self.decoder, **{NAMES_KWARG: [PROBE]}))
+                got = _logits(model(input_ids=self.ids, **self.decoder, **{ROWS_KWARG: [PROBE]}))
             _require(_relative(got, self.plain) > tol, model,
                      "random prefixes do not change the logits: the prefixes never reach the attention layers the "
                      "model's forward runs")
@@ -258,7 +259,7 @@ def padding_moves_positions(model: nn.Module) -> bool:
         return False
     device = next(model.parameters()).device
     with probing(model):
-        ids = _probe_ids(model, model.get_input_embeddings().num_embeddings, device)
+        ids = _probe_ids(model, table_size(model.get_input_embeddings())[0], device)
         alone = _logits(plain_call(model, input_ids=ids))
         padded = torch.cat([torch.zeros_like(ids[:, :1]), ids], 1)
         mask = torch.ones_like(padded)

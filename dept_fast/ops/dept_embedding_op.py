@@ -199,7 +199,7 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
                          lora_Bs: Sequence[torch.Tensor], scalings: Sequence[float],
                          positions: Optional[torch.Tensor] = None, id_check: str = "host",
                          padding_idx: Optional[int] = None, deterministic: Optional[bool] = None, *,
-                         embed_scale: float = 1.0) -> torch.Tensor:
+                         embed_scale: float = 1.0, embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The DePT stage with an adapter per batch row (mixed-task batches).
 
     Row i takes adapter ``a = adapter_index[i]`` of the k given (prompt (m_a, d), lora_A (s_a, r_a),
@@ -213,7 +213,9 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
     Without ``positions`` it runs on the fused kernels where they can (one launch forward and one
     backward for the whole batch, each adapter's gradients summed from its own rows only,
     deterministically; ``deterministic`` as in :func:`dept_embedding`, for E's gradient); with them,
-    in PyTorch.
+    in PyTorch. ``embeds`` (b, L, d): the rows the model's embedding module computed for ``input_ids``
+    (a module with parameters of its own, e.g. LoRA on the embedding), used instead of ``c * E[ids]``
+    (in PyTorch; their gradient flows back into that module).
 
     Returns:
         (b, M + L, d) in ``weight.dtype``, computed in fp32, rounded once.
@@ -242,7 +244,7 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
         shortest = min(s for _, s in packed.sizes)
         need(seq_len <= shortest, f"input length {seq_len} exceeds max_length {shortest} of a low-rank update in "
                                   "the batch; truncate the inputs or build the adapter with a larger max_length")
-        if use_kernels(weight):
+        if use_kernels(weight) and embeds is None:
             if deterministic is None:
                 deterministic = torch.are_deterministic_algorithms_enabled()
             if adapter_index is None:  # adapter 0 alone (its prompt padded to M)
@@ -261,5 +263,9 @@ def dept_embedding_mixed(input_ids: torch.Tensor, adapter_index: Optional[torch.
                        "the rows of the row's DePT update, its max_length; positions count a row's real tokens, "
                        "generated ones included: shorten the input or max_new_tokens, or build the adapter with a "
                        "larger max_length", id_check)
+    if embeds is not None:
+        need(embeds.shape == input_ids.shape + (weight.shape[1],),
+             f"embeds must be (b, L, d) = {tuple(input_ids.shape) + (weight.shape[1],)}, got {tuple(embeds.shape)}")
     return dept_embedding_mixed_reference(input_ids, index, weight, packed.prompts, packed.lora_A, packed.lora_B,
-                                          packed.scaling, positions, padding_idx, embed_scale=embed_scale)
+                                          packed.scaling, positions, padding_idx, embed_scale=embed_scale,
+                                          embeds=embeds)

@@ -64,7 +64,8 @@ def dept_embedding_reference(input_ids: torch.Tensor, weight: torch.Tensor, prom
 def dept_embedding_mixed_reference(input_ids: torch.Tensor, adapter_index: torch.Tensor, weight: torch.Tensor,
                                    prompts: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                                    scaling: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                                   padding_idx: Optional[int] = None, *, embed_scale: float = 1.0) -> torch.Tensor:
+                                   padding_idx: Optional[int] = None, *, embed_scale: float = 1.0,
+                                   embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The DePT stage with an adapter per batch row, from packed adapters:
     ``out[i] = [prompts[a] ; embed_scale * E[ids[i]] + scaling[a] * (lora_A[a] @ lora_B[a])[positions[i]]]``,
     a = adapter_index[i].
@@ -81,6 +82,8 @@ def dept_embedding_mixed_reference(input_ids: torch.Tensor, adapter_index: torch
         padding_idx: as in ``nn.Embedding``.
         embed_scale: the multiplier of E's rows, one for every adapter (they share E); see
             :func:`dept_embedding_reference`.
+        embeds: (b, L, d) the token rows as the model's embedding module computed them (one with
+            parameters of its own, e.g. a LoRA-wrapped embedding), in place of ``embed_scale * E[ids]``.
 
     Returns:
         (b, M + L, d) in ``weight.dtype``, each token's row computed in fp32 and rounded once.
@@ -93,5 +96,8 @@ def dept_embedding_mixed_reference(input_ids: torch.Tensor, adapter_index: torch
         acc = _accumulator(weight)
         rows = lora_A[adapter_index[:, None], positions].to(acc)  # (b, L, R)
         update = scaling.to(acc)[adapter_index, None, None] * torch.bmm(rows, lora_B[adapter_index].to(acc))
-    embeds = _scaled_rows(F.embedding(input_ids, weight, padding_idx), embed_scale, update)
+    if embeds is None:
+        embeds = _scaled_rows(F.embedding(input_ids, weight, padding_idx), embed_scale, update)
+    else:
+        embeds = _scaled_rows(embeds.to(weight.dtype), 1.0, update)
     return torch.cat([prompts[adapter_index].to(weight.dtype), embeds], dim=1)
