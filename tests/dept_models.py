@@ -45,3 +45,14 @@ def padded_batch(lengths: Sequence[int], width: int, side: str):
         ids[row, cols] = torch.randint(3, VOCAB, (n,))
         mask[row, cols] = 1
     return ids, mask
+
+
+def randomized(module: nn.Module, seed: int = 11, std: float = 0.5) -> nn.Module:
+    """Every trainable tensor of ``module`` drawn afresh from N(0, std^2) (an adapter's B is zero and
+    its prompt E's rows at initialisation, which would hide mistakes); returns ``module``."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.normal_(0, std)
+    return module

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dept_fast import apply_dept, apply_prefix_tuning
+from dept_models import randomized
 from families import EXACT, MATRIX, build
 from family_references import dept_forward, greedy, prefix_forward
 from numerics import model_tol, rel_err
@@ -46,16 +47,6 @@ def attacher(route, function):
     """``function`` (model -> model) tagged with the matrix route it attaches."""
     function.route = route
     return function
-
-
-def randomized(adapter):
-    """Every trainable tensor of the adapter drawn afresh (B is zero and the prompt is E's rows at init)."""
-    torch.manual_seed(11)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    return adapter
 
 
 def right_padded(encoder_decoder, rows=2, length=6):

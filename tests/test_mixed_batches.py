@@ -13,7 +13,7 @@ import torch
 from dept_fast import (active_adapter, apply_dept, apply_prefix_tuning, enable_activation_checkpointing, load_dept,
                        set_adapter)
 from dept_fast.ops import dept_embedding_mixed, dept_embedding_reference
-from dept_models import FAMILY_ROUTES
+from dept_models import FAMILY_ROUTES, randomized
 from families import ENCODER_DECODERS, FAMILIES, build
 from numerics import rel_err, suite_tol
 from tiny_models import VOCAB
@@ -31,10 +31,7 @@ def mixed_model(family, share, seed=0):
     apply_dept(model, 5, 0, 16, adapter_name="pt")
     apply_dept(model, 2, 2, 12, lora_alpha=3.0, adapter_name="small")
     apply_prefix_tuning(model, 4, projection_dim=None, adapter_name="prefix")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
+    randomized(model, seed)
     model.generation_config.eos_token_id = None
     return model.eval()
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dept_fast import apply_dept, apply_prefix_tuning, load_dept, unfreeze_adapters
+from dept_models import randomized
 from family_references import cache_kwargs, prefix_cache
 from numerics import model_tol, rel_err
 from tiny_models import VOCAB, tiny_llama
@@ -28,15 +29,6 @@ def twin(model, embed=False):
     reference.load_state_dict({k: v for k, v in model.state_dict().items() if "dept" not in k and "prefix" not in k},
                               strict=False)
     return reference
-
-
-def randomized(adapter, seed=11):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    return adapter
 
 
 def batch(rows=2, length=5, seed=3):
