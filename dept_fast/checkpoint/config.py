@@ -83,8 +83,8 @@ class StackConfig:
 
 @dataclass(frozen=True)
 class PrefixTuningConfig:
-    """A Prefix-Tuning adapter: p prefix slots per layer, per stack ("decoder"; T5: "encoder" and
-    "decoder") a :class:`StackConfig`."""
+    """A Prefix-Tuning adapter: p prefix slots per layer, per attention group ("decoder"; encoder-decoders:
+    any of "encoder", "decoder", "cross") a :class:`StackConfig`."""
 
     prefix_len: int
     stacks: Dict[str, StackConfig]
