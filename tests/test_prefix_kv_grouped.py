@@ -196,3 +196,26 @@ def test_bad_grouped_inputs_are_named(bad, message, error):
 def test_grouped_key_values_refuses_other_modules():
     with pytest.raises(TypeError, match=r"encoders\[1\] must be a FusedPrefixEncoder, got Linear"):
         grouped_key_values([FusedPrefixEncoder(2, 1, 1, 4, projection_dim=8), torch.nn.Linear(2, 2)])
+
+
+def test_without_a_grouped_launch_each_group_runs_alone(device, monkeypatch, poison):
+    """Where the kernels run but no grouped launch may (torch.compile, CUDA graph capture), one
+    single-encoder launch per group, with the same numbers."""
+    from dept_fast.ops import prefix_kv_op
+
+    shape = SHAPES["odd-dims"]
+    hidden, weights, biases = group_inputs(shape, torch.float32, device, 3)
+    grouped = grouped_prefix_kv_projection(hidden, weights, biases, *shape[:3])
+    grad_out = torch.randn(grouped.shape, generator=torch.Generator().manual_seed(6)).to(device)
+    want = torch.autograd.grad(grouped, [hidden, *weights, *biases], grad_out)
+    grids = []
+    real = tiling.launch
+    monkeypatch.setattr(tiling, "launch", lambda kernel, plan, *args: (grids.append(plan.grid),
+                                                                       real(kernel, plan, *args)))
+    monkeypatch.setattr(prefix_kv_op, "grouped_launch_available", lambda weight: False)
+    alone = grouped_prefix_kv_projection(hidden, weights, biases, *shape[:3])
+    assert [g[1] for g in grids] == [1, 1, 1]
+    got = torch.autograd.grad(alone, [hidden, *weights, *biases], grad_out)
+    assert rel_err(alone, grouped) <= TOL[torch.float32]
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= TOL[torch.float32]

@@ -5,8 +5,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..ops import grouped_prefix_kv_projection, prefix_kv_projection
-from ..ops.backend import use_kernels
+from ..ops import grouped_launch_available, grouped_prefix_kv_projection, prefix_kv_projection
 from ..ops.checks import FLOAT_DTYPES
 
 KeyValues = List[Tuple[torch.Tensor, torch.Tensor]]
@@ -152,8 +151,9 @@ def grouped_key_values(encoders: Sequence[FusedPrefixEncoder]) -> List[KeyValues
     (``dept_fast.ops.grouped_prefix_kv_projection``); the first Linear stays one matmul per encoder.
 
     Merged encoders (the prefixes are the parameter), encoders no other one shares a shape with, and
-    every encoder where the kernels do not run or under torch.compile, are evaluated one by one,
-    exactly as ``key_values()``. The encoders' own forward hooks do not run (their ``proj_in`` is
+    every encoder where no grouped launch runs (``dept_fast.ops.grouped_launch_available``: CPU without
+    the interpreter, torch.compile, CUDA graph capture) are evaluated one by one, exactly as
+    ``key_values()``. The encoders' own forward hooks do not run (their ``proj_in`` is
     called, and ``proj_out``'s parameters read, as ``forward()`` does).
 
     Args:
@@ -174,7 +174,7 @@ def grouped_key_values(encoders: Sequence[FusedPrefixEncoder]) -> List[KeyValues
             groups.setdefault(_group_key(encoder), []).append(i)
     for members in groups.values():
         group = [encoders[i] for i in members]
-        if len(group) == 1 or not use_kernels(group[0].proj_out.weight) or torch.compiler.is_compiling():
+        if len(group) == 1 or not grouped_launch_available(group[0].proj_out.weight):
             for i, encoder in zip(members, group):
                 results[i] = encoder.key_values()
             continue

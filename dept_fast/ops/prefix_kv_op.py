@@ -98,6 +98,16 @@ def prefix_kv_projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     return PrefixKVFunction.apply(hidden, weight, bias, num_layers, num_kv_heads, head_dim)
 
 
+def grouped_launch_available(weight: torch.Tensor) -> bool:
+    """Whether :func:`grouped_prefix_kv_projection` on tensors like ``weight`` runs one grouped launch: the
+    kernels run there (``use_kernels``), torch.compile is not tracing (it cannot trace the table of the
+    groups' data pointers) and no CUDA graph is being captured (a replay would copy the table again from
+    a host buffer that is reused by then)."""
+    if not use_kernels(weight) or torch.compiler.is_compiling():
+        return False
+    return not (weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def grouped_prefix_kv_projection(hidden: torch.Tensor, weights: Sequence[torch.Tensor],
                                  biases: Sequence[torch.Tensor], num_layers: int, num_kv_heads: int,
                                  head_dim: int) -> torch.Tensor:
@@ -112,13 +122,14 @@ def grouped_prefix_kv_projection(hidden: torch.Tensor, weights: Sequence[torch.T
     Returns:
         (G, num_layers, 2, num_kv_heads, p, head_dim) in the weights' dtype; ``[g]`` is what
         ``prefix_kv_projection(hidden[g], weights[g], biases[g], ...)`` returns. Where the kernels do not
-        run, :func:`~dept_fast.ops.prefix_kv_reference.grouped_prefix_kv_reference`; under torch.compile
-        (which cannot trace the table of the groups' addresses) one :class:`PrefixKVFunction` per group.
+        run, :func:`~dept_fast.ops.prefix_kv_reference.grouped_prefix_kv_reference`; where they run but
+        not grouped (:func:`grouped_launch_available`: torch.compile, CUDA graph capture), one
+        :class:`PrefixKVFunction` per group.
     """
     check_grouped_prefix_kv_inputs(hidden, weights, biases, num_layers, num_kv_heads, head_dim)
     if not use_kernels(weights[0]):
         return grouped_prefix_kv_reference(hidden, weights, biases, num_layers, num_kv_heads, head_dim)
-    if torch.compiler.is_compiling():
+    if not grouped_launch_available(weights[0]):
         return torch.stack([PrefixKVFunction.apply(h, w, b, num_layers, num_kv_heads, head_dim)
                             for h, w, b in zip(hidden.unbind(0), weights, biases)])
     return GroupedPrefixKVFunction.apply(hidden, num_layers, num_kv_heads, head_dim, *weights, *biases)
