@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint.prefix import PrefixCheckpoint, adapter_config, read_prefix_checkpoint
 from ..distributed import refuse_sharded, zero3_module
-from ..modules.prefix_encoder import FusedPrefixEncoder
+from ..modules.prefix_encoder import FusedPrefixEncoder, grouped_key_values
 from ..modules.prefix_tuning import PrefixTuning
 from .adapters import DEPT, PREFIX, adapters_of, call_names, refuse_taken, row_adapters
 from .attach import attach, forward_arguments, prefix_pass
@@ -207,19 +207,15 @@ class StackPrefixes:
         if self.name in self.groups and not self.model.config.is_encoder_decoder:
             longest = max(rows.adapters[i].encoders[self.name].prefix_len for i, group in wanted if group == self.name)
             check_attention_window(self.model, longest + cached_length(kwargs) + inputs.shape[1], "the prefix")
-        evaluated = dict(zip(wanted, _key_values([zero3_module(rows.adapters[i].encoders[group])
-                                                  for i, group in wanted])))
+        # one grouped launch for the encoders of one shape (a decoder's self- and cross-attention prefixes)
+        evaluated = dict(zip(wanted, grouped_key_values([zero3_module(rows.adapters[i].encoders[group])
+                                                         for i, group in wanted])))
         specs = {group: _group_prefixes(rows, group, evaluated) for group in self.groups}
         own = specs.get(self.name) or (None, None, None)
         kwargs = prefix_pass(kwargs, *own, shift_positions=self.shift_positions)
         if specs.get("cross") is not None:
             kwargs[PREFIX_KWARG].cross = PrefixKV(*specs["cross"], grad_enabled=torch.is_grad_enabled())
         return (), kwargs
-
-
-def _key_values(encoders: List[FusedPrefixEncoder]) -> List[List[KeyValue]]:
-    """Each encoder's per-layer prefixes."""
-    return [encoder.key_values() for encoder in encoders]
 
 
 def _group_prefixes(rows, group: str, evaluated: Dict[Tuple[int, str], List[KeyValue]]

@@ -5,6 +5,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..distributed import is_zero3
 from ..ops import grouped_launch_available, grouped_prefix_kv_projection, prefix_kv_projection
 from ..ops.checks import FLOAT_DTYPES
 
@@ -154,7 +155,8 @@ def grouped_key_values(encoders: Sequence[FusedPrefixEncoder]) -> List[KeyValues
     every encoder where no grouped launch runs (``dept_fast.ops.grouped_launch_available``: CPU without
     the interpreter, torch.compile, CUDA graph capture) are evaluated one by one, exactly as
     ``key_values()``. The encoders' own forward hooks do not run (their ``proj_in`` is
-    called, and ``proj_out``'s parameters read, as ``forward()`` does).
+    called, and ``proj_out``'s parameters read, as ``forward()`` does), so encoders with ZeRO-3
+    partitioned parameters, which DeepSpeed gathers in those hooks, are evaluated one by one too.
 
     Args:
         encoders: the encoders, in any order; the same encoder twice is evaluated twice.
@@ -168,7 +170,7 @@ def grouped_key_values(encoders: Sequence[FusedPrefixEncoder]) -> List[KeyValues
     results: List[Optional[KeyValues]] = [None] * len(encoders)
     groups: Dict[tuple, List[int]] = {}
     for i, encoder in enumerate(encoders):
-        if encoder.merged:
+        if encoder.merged or any(is_zero3(p) for p in encoder.parameters()):
             results[i] = encoder.key_values()
         else:
             groups.setdefault(_group_key(encoder), []).append(i)
