@@ -98,7 +98,8 @@ BENCH=("$PY" -m pytest "$ROOT/bench" --benchmark-only -q -p no:cacheprovider --b
        --benchmark-columns=min,median,max,rounds --benchmark-sort=name)
 step bench-stage 125 "${BENCH[@]}" -k stage --benchmark-json="$OUT/bench_stage.json"
 # Model-level: test_model_step.py, test_shared_prompt_step.py, test_prefix_peft_step.py,
-# test_mixed_batch_step.py, test_prompt_reuse.py (36 records).
+# test_prefix_seq2seq_step.py (BART-base, three prefixes vs PEFT), test_mixed_batch_step.py,
+# test_prompt_reuse.py (39 records).
 step bench-model 180 "${BENCH[@]}" -k "not stage and not attention_step" --benchmark-json="$OUT/bench_model.json"
 # The 8-layer decoder at L 1024 and 2048: no prompt, shared prompt, prefix, PEFT prompt tuning; a
 # training step and generate() of 64 tokens (16 records).

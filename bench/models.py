@@ -18,7 +18,7 @@ from dept_fast import FusedDePTEmbedding, dept_embedding_reference
 @dataclass(frozen=True)
 class ModelCase:
     """A base model and the adapter sizes compared on it."""
-    family: str                 # "t5" (encoder-decoder) or "llama" (decoder-only)
+    family: str                 # "t5", "bart" (encoder-decoders) or "llama" (decoder-only)
     config: Dict
     batch: int
     seq_len: int                # input length L, also DePT's max_length s
@@ -37,11 +37,12 @@ class ModelCase:
 
     @property
     def hidden(self) -> int:
-        return self.config["d_model" if self.family == "t5" else "hidden_size"]
+        return self.config["hidden_size" if self.decoder_only else "d_model"]
 
     def shape(self, adapters: Optional[str] = None) -> str:
         """The base model and batch, then ``adapters`` (default: every adapter size of this case)."""
-        layers = self.config.get("num_hidden_layers") or self.config["num_layers"]
+        layers = (self.config.get("num_hidden_layers") or self.config.get("num_layers")
+                  or f"{self.config['encoder_layers']}+{self.config['decoder_layers']}")
         if adapters is None:
             adapters = (f"PT l{self.prompt_len}, DePT m{self.dept_prompt} r{self.dept_rank}, "
                         f"prefix p{self.prefix_len}")
@@ -56,6 +57,10 @@ T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
 LLAMA_8L = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+BART_BASE = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                 decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
+                 scale_embedding=False, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                 forced_eos_token_id=2)
 GPU_CASES = {
     "t5-base": ModelCase("t5", T5_BASE, batch=32, seq_len=256, target_len=32, prompt_len=100, dept_prompt=60,
                          dept_rank=30, prefix_len=100, prefix_mid=512),
@@ -73,6 +78,17 @@ CPU_CASES = {
                                 prefix_mid=32, dtype=torch.float32, scaled=True),
 }
 MODEL_CASES = GPU_CASES if torch.cuda.is_available() else CPU_CASES
+
+# BART-base for the encoder-decoder Prefix-Tuning step (bench/test_prefix_seq2seq_step.py): XSUM-like
+# 512-token sources and 64-token summaries on CUDA.
+BART_CASE = ModelCase("bart", BART_BASE, batch=16, seq_len=512, target_len=64, prompt_len=100, dept_prompt=60,
+                      dept_rank=30, prefix_len=100, prefix_mid=512)
+if not torch.cuda.is_available():
+    BART_CASE = replace(BART_CASE, config=dict(BART_BASE, vocab_size=512, d_model=64, encoder_layers=2,
+                                               decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                                               encoder_ffn_dim=128, decoder_ffn_dim=128),
+                        batch=4, seq_len=32, target_len=8, prefix_len=10, prefix_mid=32, dtype=torch.float32,
+                        scaled=True)
 
 SHRINK = 1 if torch.cuda.is_available() else 4
 """How much the decoder suites shrink L, m and r (and the token counts they generate) on CPU."""
@@ -94,9 +110,10 @@ def decoder_case(length: int, prompt: int, rank: int, batch: Optional[int] = Non
 
 def build_model(case: ModelCase, device: torch.device) -> nn.Module:
     """The randomly initialised base model in train mode (dropout on), every weight frozen."""
-    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
-    config_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if case.decoder_only
-                             else (T5Config, T5ForConditionalGeneration))
+    import transformers
+    config_cls, model_cls = (getattr(transformers, name) for name in {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"), "t5": ("T5Config", "T5ForConditionalGeneration"),
+        "bart": ("BartConfig", "BartForConditionalGeneration")}[case.family])
     torch.manual_seed(0)
     with torch.device(device):
         model = model_cls(config_cls(**case.config))

@@ -11,7 +11,8 @@ model towards. The prefixes sit on the encoder's self-attention, the decoder's s
 the decoder's cross-attention (``model.prefix_tuning.encoders["encoder"]``, ``["decoder"]``,
 ``["cross"]``), each from its own MLP (Embedding -> Linear -> tanh -> Linear, hidden 512 as in the
 paper, unless ``--projection-dim`` says otherwise). The loss falls; ``generate()`` prints a few
-summaries before and after. On a GPU the prefix MLP's second Linear runs the fused Triton kernel.
+summaries (of the summary's length) before and after: a random model steered by prefixes alone
+learns the summaries' tokens well before their order. On a GPU the prefix MLP's second Linear runs the fused Triton kernel.
 """
 import argparse
 import time
@@ -47,8 +48,8 @@ def base_model(seed: int) -> BartForConditionalGeneration:
     torch.manual_seed(seed)
     # init_std 0.2 (BART uses 0.02): a random model whose outputs a prefix can move far enough,
     # standing in for a pretrained one.
-    config = BartConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+    config = BartConfig(vocab_size=128, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=64,
                         init_std=0.2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=PAD,
                         bos_token_id=1, eos_token_id=END, decoder_start_token_id=START, forced_eos_token_id=None)
     return BartForConditionalGeneration(config)
@@ -57,7 +58,7 @@ def base_model(seed: int) -> BartForConditionalGeneration:
 class SummaryTask:
     """Sources over ``states`` tokens; a source's summary is its even positions reversed, then END."""
 
-    def __init__(self, states: int = 16, seed: int = 0) -> None:
+    def __init__(self, states: int = 8, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         self.tokens = torch.arange(8, 8 + states)
 
@@ -69,8 +70,9 @@ class SummaryTask:
 
 def summaries(model: BartForConditionalGeneration, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
+        length = batch["labels"].shape[1]  # the summary's tokens, then END
         return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              max_new_tokens=batch["labels"].shape[1], do_sample=False)[:, 1:]
+                              min_new_tokens=length, max_new_tokens=length, do_sample=False)[:, 1:]
 
 
 def train(args: argparse.Namespace) -> dict:
