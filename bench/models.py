@@ -168,6 +168,20 @@ def model_step(model: nn.Module, batch: Dict) -> Callable[[], None]:
     return step
 
 
+def train_step(model: nn.Module, case: "ModelCase", device: torch.device) -> "StepRun":
+    """``model`` (adapter attached) in train mode, stepped on ``case``'s batch, with its trainable tensors."""
+    model.train()
+    return StepRun(model_step(model, make_batch(case, device)), [p for p in model.parameters() if p.requires_grad])
+
+
+def prefix_step_info(kind: str, model: str, method: str, baseline: Optional[str], case: "ModelCase",
+                     run: "StepRun", cases: str) -> Dict:
+    """The record of a Prefix-Tuning step suite (``cases``: where the CPU shapes are defined)."""
+    return dict(kind=kind, model=model, method=method, baseline=baseline,
+                shape=case.shape(f"prefix p{case.prefix_len} mid {case.prefix_mid}"), trainable=run.trainable,
+                note=f"{kind} on CPU uses scaled-down shapes (bench/models.py {cases})" if case.scaled else None)
+
+
 @dataclass
 class StepRun:
     """What a suite times: the step, the trainable tensors, and optionally the input stage alone."""

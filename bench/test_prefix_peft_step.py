@@ -18,7 +18,7 @@ import torch
 from dept_fast import apply_prefix_tuning, enable_activation_checkpointing
 
 from .measure import measure
-from .models import MODEL_CASES, StepRun, build_model, make_batch, model_step
+from .models import MODEL_CASES, StepRun, build_model, prefix_step_info, train_step
 
 _DECODER = MODEL_CASES["llama-decoder"]
 CASE = dataclasses.replace(_DECODER, prefix_len=_DECODER.prefix_len * 64 // 100)  # p 64 on CUDA
@@ -37,9 +37,7 @@ def step_runner(method: str, device: torch.device) -> StepRun:
         model = apply_prefix_tuning(model, CASE.prefix_len, projection_dim=CASE.prefix_mid)
     if method.endswith("+ckpt"):
         enable_activation_checkpointing(model, use_reentrant=False)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    return StepRun(model_step(model, make_batch(CASE, device)), params)
+    return train_step(model, CASE, device)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -50,8 +48,5 @@ def test_prefix_peft_step(benchmark, device, method):
         run.step()
     except RuntimeError as error:
         pytest.skip(f"{method} fails its training step: {type(error).__name__}: {str(error)[:200]}")
-    info = dict(kind="prefix-peft-step", model="llama-decoder", method=method, baseline=BASELINE.get(method),
-                shape=CASE.shape(f"prefix p{CASE.prefix_len} mid {CASE.prefix_mid}"), trainable=run.trainable,
-                note="prefix-peft-step on CPU uses scaled-down shapes (bench/models.py CPU_CASES)" if CASE.scaled
-                else None)
+    info = prefix_step_info("prefix-peft-step", "llama-decoder", method, BASELINE.get(method), CASE, run, "CPU_CASES")
     measure(benchmark, run.step, device, info, grad_to_none=run.params, warmup_ms=100, rep_ms=500)

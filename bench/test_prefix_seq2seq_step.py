@@ -14,7 +14,7 @@ from dept_fast import apply_prefix_tuning
 
 from .measure import measure
 from .models import BART_CASE as CASE
-from .models import StepRun, build_model, make_batch, model_step
+from .models import StepRun, build_model, prefix_step_info, train_step
 
 METHODS = ["dept_fast", "dept_fast-decoder", "peft"]
 BASELINE = {"dept_fast": "peft", "dept_fast-decoder": "peft"}
@@ -30,17 +30,12 @@ def step_runner(method: str, device: torch.device) -> StepRun:
     else:
         attentions = ("decoder",) if method == "dept_fast-decoder" else None
         model = apply_prefix_tuning(model, CASE.prefix_len, projection_dim=CASE.prefix_mid, attentions=attentions)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    return StepRun(model_step(model, make_batch(CASE, device)), params)
+    return train_step(model, CASE, device)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_prefix_seq2seq_step(benchmark, device, method):
     benchmark.group = "prefix-seq2seq-step"
     run = step_runner(method, device)
-    info = dict(kind="prefix-seq2seq-step", model="bart-base", method=method, baseline=BASELINE.get(method),
-                shape=CASE.shape(f"prefix p{CASE.prefix_len} mid {CASE.prefix_mid}"), trainable=run.trainable,
-                note="prefix-seq2seq-step on CPU uses scaled-down shapes (bench/models.py BART_CASE)" if CASE.scaled
-                else None)
+    info = prefix_step_info("prefix-seq2seq-step", "bart-base", method, BASELINE.get(method), CASE, run, "BART_CASE")
     measure(benchmark, run.step, device, info, grad_to_none=run.params, warmup_ms=100, rep_ms=500)
