@@ -12,7 +12,7 @@ Checkpoint formats: :mod:`dept_fast.checkpoint.prefix`.
 """
 import inspect
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,11 @@ from ..modules.prefix_encoder import FusedPrefixEncoder
 from ..modules.prefix_tuning import PrefixTuning
 from .adapters import DEPT, PREFIX, adapters_of, call_names, refuse_taken, row_adapters
 from .attach import attach, forward_arguments, prefix_pass
-from .attention import KeyValue
+from .attention import PREFIX_KWARG, PREFIX_SLOT_ATTR, KeyValue
 from .dept import DEFAULT_NAME, decoder_inputs
 from .peft_models import attach_through
-from .positions import CACHE_KWARGS, cached_length
+from .positions import (CACHE_KWARGS, EndDecoderOffset, ShiftPositions, cached_length, positions_module,
+                        set_decoder_offset)
 from .route import PrefixRoute, check_attention_window, check_route, prefix_route
 from .transaction import all_or_nothing
 from .verify import PrefixProbe, Refused, own_random_numbers, plain_call
@@ -108,47 +109,65 @@ def _attach(model: nn.Module, name: str, spec: Union[Tuple[int, Optional[int]], 
                                                                   device=device)
                                         for stack, layout in route.layouts.items()})
         hooks = lambda: [(stack, "pre", StackPrefixes(model, stack_name, stack, route))  # noqa: E731
-                         for stack_name, stack in route.stacks.items()]
+                         for stack_name, stack in route.stacks.items()] + _decoder_position_hooks(model, route)
         attach(model, PREFIX, name, adapter, adapter_config(adapter).to_json(), hooks)
         if not model.config.is_encoder_decoder:
             decoder_inputs(model)  # a left-padded row's first label, as for DePT rows
         if probe is not None:
             try:
-                probe.verify(model, _probe_prefixes(route, device, dtype),
-                             lambda ids, a: _cache_reference(model, ids, a))
+                probe.verify(model, _probe_prefixes(route, device, dtype, adapter),
+                             lambda ids, a: _cache_reference(model, ids, a, probe.decoder))
             except Refused as error:
                 fixed = [type(stack).__name__ for stack in route.stacks.values()
                          if "position_ids" not in inspect.signature(stack.forward).parameters]
                 if fixed and not model.config.is_encoder_decoder:
                     raise Refused(f"{error}; {', '.join(fixed)}.forward takes no position_ids, so its tokens cannot "
                                   "be placed after the prefix (at positions p, p + 1, ...)") from error
+                if adapter.positions == "cache" and model.config.is_encoder_decoder \
+                        and _decoder_positions(route) is None:
+                    raise Refused(f"{error}; no submodule of {type(route.stacks['decoder']).__name__} outside its "
+                                  "attention layers takes position_ids, so its tokens cannot be placed after the "
+                                  "prefix (the 'cache' position convention of PEFT's encoder-decoder prefixes)"
+                                  ) from error
                 raise
     return model
 
 
-def _probe_prefixes(route: PrefixRoute, device: torch.device, dtype: torch.dtype) -> PrefixTuning:
-    """Random prefixes of 2 slots on every stack of the route, for the self-check."""
+def _probe_prefixes(route: PrefixRoute, device: torch.device, dtype: torch.dtype,
+                    adapter: PrefixTuning) -> PrefixTuning:
+    """Random prefixes of 2 slots, for the self-check: on every stack of the route, or for an adapter
+    of the "cache" position convention on its stacks, with that convention."""
+    stacks = adapter.encoders if adapter.positions is not None else route.layouts
     with own_random_numbers(device):
-        return PrefixTuning({stack: FusedPrefixEncoder(2, *layout, projection_dim=None, dtype=dtype, device=device)
-                             for stack, layout in route.layouts.items()})
+        return PrefixTuning({stack: FusedPrefixEncoder(2, *route.layouts[stack], projection_dim=None, dtype=dtype,
+                                                       device=device) for stack in stacks}, adapter.positions)
 
 
-def _cache_reference(model: nn.Module, ids: torch.Tensor, adapter: PrefixTuning) -> Optional[torch.Tensor]:
-    """A causal decoder's logits with ``adapter``'s prefixes in a pre-filled ``DynamicCache`` (PEFT's
-    route, the tokens at positions p + i), or None where that route does not exist (encoder-decoders)
-    or the model does not take a pre-filled cache."""
-    if model.config.is_encoder_decoder:
+def _cache_reference(model: nn.Module, ids: torch.Tensor, adapter: PrefixTuning,
+                     decoder: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """The logits of the plain model with ``adapter``'s decoder prefixes in a pre-filled cache (PEFT's
+    route, the tokens at positions p + i): a causal decoder's ``DynamicCache``, or for an
+    encoder-decoder adapter of the "cache" position convention the self-attention part of an
+    ``EncoderDecoderCache`` whose cross-attention part is empty, as PEFT builds it. None where that
+    route does not exist (an encoder-decoder's own convention) or the model does not take a
+    pre-filled cache."""
+    encoder_decoder = bool(model.config.is_encoder_decoder)
+    if encoder_decoder and adapter.positions != "cache":
         return None
-    from transformers import DynamicCache
+    from transformers import DynamicCache, EncoderDecoderCache
 
     key_values = adapter.encoders["decoder"].key_values()
     try:
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache() if encoder_decoder else DynamicCache(config=model.config)
         for layer, (key, value) in enumerate(key_values):
             cache.update(key, value, layer)
-        mask = torch.ones(1, key_values[0][0].shape[2] + ids.shape[1], dtype=torch.long, device=ids.device)
+        if encoder_decoder:
+            cache = EncoderDecoderCache(cache, DynamicCache())
+            mask = torch.ones_like(ids)
+        else:
+            mask = torch.ones(1, key_values[0][0].shape[2] + ids.shape[1], dtype=torch.long, device=ids.device)
         name = CACHE_KWARGS[0] if CACHE_KWARGS[0] in inspect.signature(model.forward).parameters else CACHE_KWARGS[1]
-        output = plain_call(model, input_ids=ids, attention_mask=mask, use_cache=True, **{name: cache})
+        output = plain_call(model, input_ids=ids, attention_mask=mask, use_cache=True, **decoder, **{name: cache})
     except (TypeError, ValueError, RuntimeError, IndexError, AttributeError, NotImplementedError):
         return None
     return output.logits if hasattr(output, "logits") else output[0]
@@ -172,13 +191,65 @@ class StackPrefixes:
         rows = row_adapters(self.model, PREFIX, call_names(kwargs), inputs.shape[0], inputs.device)
         if not rows.adapters:
             return (), kwargs
+        positions = position_convention(self.model, rows.adapters)
+        having = [adapter for adapter in rows.adapters if self.name in adapter.encoders]
+        if not having:
+            return (), kwargs
+        if len(having) != len(rows.adapters):
+            raise ValueError(f"this batch's rows take prefix adapters of which only some have {self.name} prefixes; "
+                             "call such adapters in separate batches")
         longest = max(adapter.encoders[self.name].prefix_len for adapter in rows.adapters)
         check_attention_window(self.model, longest + cached_length(kwargs) + inputs.shape[1], "the prefix")
         if rows.uniform:
             key_values, valid = zero3_module(rows.adapters[0].encoders[self.name]).key_values(), None
         else:
             key_values, valid = pack_prefixes([zero3_module(a.encoders[self.name]).key_values() for a in rows.adapters])
-        return (), prefix_pass(kwargs, key_values, rows.index, valid, shift_positions=self.shift_positions)
+        kwargs = prefix_pass(kwargs, key_values, rows.index, valid, shift_positions=self.shift_positions)
+        if positions == "cache" and self.model.config.is_encoder_decoder:
+            kwargs[PREFIX_KWARG].positions = cached_length(kwargs)
+            if self.name == "decoder" and _decoder_positions(self.route) is not None:
+                set_decoder_offset(_uniform_offset(rows, self.name))
+        return (), kwargs
+
+
+def _decoder_positions(route: PrefixRoute) -> Optional[nn.Module]:
+    """The encoder-decoder's decoder positions module (:func:`~dept_fast.hf.positions.positions_module`)."""
+    decoder = route.stacks["decoder"]
+    return positions_module(decoder, [m for m in decoder.modules() if hasattr(m, PREFIX_SLOT_ATTR)])
+
+
+def _decoder_position_hooks(model: nn.Module, route: PrefixRoute) -> List[Tuple[nn.Module, str, Any]]:
+    """An encoder-decoder's hooks that move its decoder's positions under the "cache" convention (BART
+    family: after the prefix), where the decoder has a positions module; none otherwise."""
+    module = _decoder_positions(route) if model.config.is_encoder_decoder else None
+    if module is None:
+        return []
+    return [(module, "pre", ShiftPositions(module)), (route.stacks["decoder"], "post", EndDecoderOffset())]
+
+
+def _uniform_offset(rows, stack: str) -> int:
+    """The prefix length every row of the batch shares (a decoder whose positions module takes one
+    row of positions for the whole batch); a batch whose rows' prefix lengths differ is refused."""
+    lengths = {adapter.encoders[stack].prefix_len for adapter in rows.adapters}
+    if len(lengths) > 1 or (rows.index is not None and bool((rows.index < 0).any())):
+        raise ValueError(f"this batch's rows have decoder prefixes of different lengths ({sorted(lengths)}, or none "
+                         "for plain rows) under the 'cache' position convention, where the decoder's tokens sit after "
+                         "the prefix; this decoder gives one row of positions to the whole batch, so call them in "
+                         "separate batches")
+    return lengths.pop()
+
+
+def position_convention(model: nn.Module, adapters: Sequence[PrefixTuning]) -> Optional[str]:
+    """The one position convention of the adapters a batch's rows take (see
+    :class:`~dept_fast.checkpoint.config.PrefixTuningConfig`); a batch mixing conventions is refused."""
+    conventions = {adapter.positions for adapter in adapters}
+    if len(conventions) > 1:
+        names = {name: adapter.positions for name, adapter in adapters_of(model, PREFIX).items()
+                 if any(adapter is a for a in adapters)}
+        raise ValueError(f"this batch's rows take prefix adapters of different position conventions {names} (None: "
+                         "the prefix has no position; 'cache': PEFT's, the decoder's tokens after the prefix); "
+                         "call them in separate batches")
+    return conventions.pop()
 
 
 def pack_prefixes(per_adapter: List[List[KeyValue]]) -> Tuple[List[KeyValue], torch.Tensor]:
@@ -201,20 +272,25 @@ def _from_checkpoint(checkpoint: PrefixCheckpoint, layouts: Dict[str, Tuple[int,
     checkpoint's tensors as they are (their dtype kept), on ``device``."""
     _check_layouts(checkpoint, layouts)
     encoders = {}
-    for name, layout in layouts.items():
-        stack = checkpoint.config.stacks[name]
+    for name, stack in checkpoint.config.stacks.items():
+        layout = layouts[name]
         dtype = next(t.dtype for key, t in checkpoint.tensors.items() if key.startswith(f"{name}."))
         encoders[name] = FusedPrefixEncoder(checkpoint.config.prefix_len, *layout, projection_dim=stack.projection_dim,
                                             embed_dim=stack.embed_dim, dtype=dtype, device="meta")
-    adapter = PrefixTuning(encoders)
+    adapter = PrefixTuning(encoders, checkpoint.config.positions)
     adapter.encoders.load_state_dict({key: t.to(device) for key, t in checkpoint.tensors.items()}, assign=True)
     return adapter
 
 
 def _check_layouts(checkpoint: PrefixCheckpoint, model: Dict[str, Tuple[int, int, int]]) -> None:
-    saved = {name: stack.layout for name, stack in checkpoint.config.stacks.items()}
-    for name in set(saved) | set(model):
-        if saved.get(name) != model.get(name):
+    """Every group the checkpoint has a prefix for exists in the model with the same layout."""
+    for name, stack in checkpoint.config.stacks.items():
+        if stack.layout != model.get(name):
             raise ValueError(
                 f"{checkpoint.source} does not fit this model: {name} prefixes (layers, kv_heads, head_dim) = "
-                f"{saved.get(name)} in the checkpoint, {model.get(name)} in the model")
+                f"{stack.layout} in the checkpoint, {model.get(name)} in the model (its attention groups: "
+                f"{dict(model)})")
+    if checkpoint.config.positions == "cache" and set(checkpoint.config.stacks) != {"decoder"}:
+        raise ValueError(f"{checkpoint.source} has prefixes on {sorted(checkpoint.config.stacks)} with the 'cache' "
+                         "position convention, which places a prefix on the decoder's self-attention only (PEFT's "
+                         "pre-filled cache); it cannot be loaded")
