@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from dept_fast import apply_prefix_tuning, load_prefix_tuning
+from dept_fast.compat import enable_activation_checkpointing
+from dept_fast.hf.route import ENCODER_DECODER_TYPES
 from families import build
 from numerics import model_tol, rel_err
 
 peft = pytest.importorskip("peft")  # a test extra; machines without it skip this module
 P = 3
-FAMILIES = ["t5"]
+FAMILIES = ["t5", "bart"] if "bart" in ENCODER_DECODER_TYPES else ["t5"]  # BART's route: branch encdec-core
 
 
 def make_peft(family, prefix_len=P, projection=False, seed=1, **overrides):
@@ -69,6 +71,27 @@ def test_logits_and_loss_match_peft(family, layers, tmp_path):
     assert rel_err(plain.logits, expected.logits) > 1e-2  # the prefix matters
     assert rel_err(got.logits, expected.logits) <= tol(ours, batch)
     assert abs(got.loss.item() - expected.loss.item()) <= tol(ours, batch) * expected.loss.item()
+    expected.loss.backward()
+    got.loss.backward()
+    encoder = ours.prefix_tuning.encoders["decoder"]
+    got_saved, expected_saved = in_saved_layout(encoder), peft_prefix_grad(peft_model, encoder)
+    assert rel_err(got_saved, expected_saved) <= model_tol(ours, P + batch["input_ids"].shape[1], backward=True)
+
+
+def in_saved_layout(encoder):
+    """Our prefix gradient (decoder layers, 2, kv_heads, p, head_dim) summed into PEFT's saved layers:
+    decoder layer i takes saved layer 2i mod layers."""
+    layers, grad = encoder.num_layers, encoder.prefix.grad
+    saved = torch.zeros_like(grad)
+    for i in range(layers):
+        saved[2 * i % layers] += grad[i]
+    return saved
+
+
+def peft_prefix_grad(peft_model, encoder):
+    """PEFT's prompt_embeddings gradient as (saved layers, 2, kv_heads, p, head_dim)."""
+    grad = peft_model.prompt_encoder.default.embedding.weight.grad
+    return grad.view(P, encoder.num_layers, 2, encoder.num_kv_heads, encoder.head_dim).permute(1, 2, 3, 0, 4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -82,6 +105,13 @@ def test_decoder_attention_mask_matches_peft(family, tmp_path):
     batch["decoder_attention_mask"] = decoder_mask
     expected, got = peft_model(**batch), ours(**batch)
     assert rel_err(got.logits, expected.logits) <= tol(ours, batch)
+
+
+def test_eager_attention_matches_peft(tmp_path):
+    peft_model = make_peft("t5", attn_implementation="eager")
+    ours = ours_from(peft_model, "t5", tmp_path, attn_implementation="eager")
+    batch = inputs()
+    assert rel_err(ours(**batch).logits, peft_model(**batch).logits) <= tol(ours, batch)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -121,15 +151,20 @@ def test_greedy_generate_matches_peft(family, tmp_path):
     assert rel_err(torch.stack(out.logits, 1), scores) <= tol(ours, batch)
 
 
+MIXED = {"t5": ((3, 2), ["a", "b", "__base__"]), "bart": ((3, 3), ["a", "b", "a"])}
+"""Per family, the prefix lengths of adapters "a" and "b" and the rows' adapters a mixed batch can take:
+T5 places each row's prefix by its own p (per-row bias columns); a BART-family decoder gives the whole
+batch one row of positions, so its rows must share p (see test_refuses_a_batch_of_positions_per_row)."""
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_mixed_batch_of_prefix_lengths(family, tmp_path):
-    """Adapters of the 'cache' convention with different p in one batch (and a plain row): each row as
-    alone (its prefix's positions are its own p)."""
+def test_mixed_batch(family, tmp_path):
+    """Adapters of the 'cache' convention in one batch: each row as alone."""
+    (p_a, p_b), names = MIXED[family]
     model = build(family, dropout=False)
-    ours_from(make_peft(family, prefix_len=3, seed=1), family, tmp_path / "a", "a", model)
-    ours_from(make_peft(family, prefix_len=2, seed=2), family, tmp_path / "b", "b", model)
+    ours_from(make_peft(family, prefix_len=p_a, seed=1), family, tmp_path / "a", "a", model)
+    ours_from(make_peft(family, prefix_len=p_b, seed=2), family, tmp_path / "b", "b", model)
     batch = inputs()
-    names = ["a", "b", "__base__"]
     mixed = model(**batch, adapter_names=names).logits
     for row, name in enumerate(names):
         alone = model(**{k: v[row:row + 1] for k, v in batch.items()}, adapter_names=[name]).logits
@@ -250,3 +285,37 @@ def test_self_check_compares_with_peft_cache_route(monkeypatch, tmp_path):
     with pytest.raises(Refused, match=r"do not give the logits of the plain model with them in a pre-filled cache"):
         load_prefix_tuning(model, tmp_path)
     assert not hasattr(model, "prefix_tuning")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_checkpointing_keeps_the_prefix(family, tmp_path):
+    """PEFT refuses activation checkpointing with prefixes; ours keeps them (the bias columns shared by
+    the layers included): the same loss and gradient (to rounding) in training with and without it."""
+    peft_model = make_peft(family)
+    peft_model.save_pretrained(tmp_path)
+    batch = inputs()
+    results = []
+    for checkpointing in (False, True):
+        model = load_prefix_tuning(build(family, dropout=False), tmp_path).train()
+        if checkpointing:
+            enable_activation_checkpointing(model, use_reentrant=False)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), model.prefix_tuning.encoders["decoder"].prefix.grad))
+    (loss, grad), (loss_checkpointed, grad_checkpointed) = results
+    assert torch.equal(loss, loss_checkpointed)  # the recomputation sums the gradient in another order
+    assert rel_err(grad_checkpointed, grad) <= model_tol(model, P + batch["input_ids"].shape[1], backward=True)
+
+
+@pytest.mark.skipif("bart" not in FAMILIES, reason="BART's route comes with branch encdec-core")
+@pytest.mark.parametrize("names, lengths", [(["a", "b"], r"\[2, 3\]"),
+                                            (["a", "__base__"], r"\[3\] and plain rows \(none\)")])
+def test_refuses_a_batch_of_positions_per_row(names, lengths, tmp_path):
+    """BART's decoder gives the whole batch one row of positions: rows of different prefix lengths
+    (a plain row's is 0) under the 'cache' convention cannot be placed, so the batch is refused."""
+    model = build("bart", dropout=False)
+    ours_from(make_peft("bart", prefix_len=3), "bart", tmp_path / "a", "a", model)
+    ours_from(make_peft("bart", prefix_len=2), "bart", tmp_path / "b", "b", model)
+    with pytest.raises(ValueError, match=rf"rows have decoder prefixes of lengths {lengths} under the 'cache' "
+                                         r"position convention"):
+        model(**inputs(rows=2), adapter_names=names)

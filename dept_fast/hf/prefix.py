@@ -231,11 +231,12 @@ def _uniform_offset(rows, stack: str) -> int:
     """The prefix length every row of the batch shares (a decoder whose positions module takes one
     row of positions for the whole batch); a batch whose rows' prefix lengths differ is refused."""
     lengths = {adapter.encoders[stack].prefix_len for adapter in rows.adapters}
-    if len(lengths) > 1 or (rows.index is not None and bool((rows.index < 0).any())):
-        raise ValueError(f"this batch's rows have decoder prefixes of different lengths ({sorted(lengths)}, or none "
-                         "for plain rows) under the 'cache' position convention, where the decoder's tokens sit after "
-                         "the prefix; this decoder gives one row of positions to the whole batch, so call them in "
-                         "separate batches")
+    plain = rows.index is not None and bool((rows.index < 0).any())
+    if len(lengths) > 1 or plain:
+        raise ValueError(f"this batch's rows have decoder prefixes of lengths {sorted(lengths)}"
+                         f"{' and plain rows (none)' if plain else ''} under the 'cache' position convention, where "
+                         "the decoder's tokens sit after the prefix; this decoder gives one row of positions to the "
+                         "whole batch, so call rows of different prefix lengths in separate batches")
     return lengths.pop()
 
 
