@@ -183,6 +183,9 @@ class StackPrefixes:
         self.model, self.name, self.route = model, name, route
         self.signature = inspect.signature(stack.forward)
         self.shift_positions = "position_ids" in self.signature.parameters
+        # an encoder-decoder's decoder whose positions move under the "cache" convention (BART family)
+        self.moves_positions = bool(model.config.is_encoder_decoder) and name == "decoder" \
+            and _decoder_positions(route) is not None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any]]:
         self.route.begin_pass(module)
@@ -207,7 +210,7 @@ class StackPrefixes:
         kwargs = prefix_pass(kwargs, key_values, rows.index, valid, shift_positions=self.shift_positions)
         if positions == "cache" and self.model.config.is_encoder_decoder:
             kwargs[PREFIX_KWARG].positions = cached_length(kwargs)
-            if self.name == "decoder" and _decoder_positions(self.route) is not None:
+            if self.moves_positions:
                 set_decoder_offset(_uniform_offset(rows, self.name))
         return (), kwargs
 
