@@ -91,7 +91,7 @@ has_vllm && echo "=== vLLM is importable: VLLM=1 runs its throughput bench" | te
 # CUDA here (compiled kernels instead of the interpreter). CI runs everything else on CPU.
 step gpu-tests 85 "$PY" -m pytest "$ROOT/tests" -q -p no:cacheprovider -m gpu
 step parity 40 "$PY" -m pytest "$ROOT/tests/test_dept_parity.py" "$ROOT/tests/test_mixed_parity.py" \
-    "$ROOT/tests/test_prefix_kv_parity.py" -q -p no:cacheprovider
+    "$ROOT/tests/test_prefix_kv_parity.py" "$ROOT/tests/test_prefix_kv_grouped.py" -q -p no:cacheprovider
 
 # Stage suites are the bench/ tests whose names contain "stage"; all others are model-level.
 BENCH=("$PY" -m pytest "$ROOT/bench" --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.2

@@ -11,7 +11,7 @@ Dtypes: on CUDA each case runs in its own dtype; on CPU every case runs in float
 """
 import dataclasses
 import functools
-from typing import Callable, Dict, Optional, Sequence, TypeVar
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar, Union
 
 import pytest
 import torch
@@ -33,6 +33,7 @@ CPU_DTYPE = torch.float32
 CPU_DTYPE_NOTE = ("stage cases on CPU run in float32, whatever dtype they have on CUDA (a CPU without native "
                   "bf16 can multiply bf16 at under 1 GFLOP/s; a CPU run is a smoke run)")
 Case = TypeVar("Case")
+Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 # One static graph per (case, grad mode) per compiled function; past dynamo's recompile limit it would
 # silently run eager code, so the limit is raised for the whole session.
 RECOMPILE_LIMIT = 64
@@ -68,24 +69,29 @@ def per_mode(forward: int, backward: int) -> Dict[str, int]:
     return {"forward": forward, "backward": backward, "forward+backward": forward + backward}
 
 
-def mode_runner(call: Callable[[], torch.Tensor], mode: str) -> Callable[[], object]:
-    """One call of ``mode``: ``call()`` computes the stage's output; in backward mode the forward
-    graph is built once and retained; the output gradient is random (never zeros)."""
+def _outputs(out: Outputs) -> List[torch.Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def mode_runner(call: Callable[[], Outputs], mode: str) -> Callable[[], object]:
+    """One call of ``mode``: ``call()`` computes the stage's output (a tensor, or a list of them); in
+    backward mode the forward graph is built once and retained; the output gradients are random
+    (never zeros)."""
     if mode == "forward":
         def run():
             with torch.no_grad():
                 return call()
         return run
-    out = call()
-    grad_out = torch.randn_like(out)
+    outs = _outputs(call())
+    grads = [torch.randn_like(out) for out in outs]
     if mode == "backward":
-        return lambda: out.backward(grad_out, retain_graph=True)
-    del out
-    return lambda: call().backward(grad_out)
+        return lambda: torch.autograd.backward(outs, grads, retain_graph=True)
+    del outs
+    return lambda: torch.autograd.backward(_outputs(call()), grads)
 
 
 def bench_stage(benchmark, device: torch.device, copy_gbps: float, *, kind: str, case: str, mode: str,
-                provider: str, call: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                provider: str, call: Callable[[], Outputs], params: Sequence[torch.Tensor],
                 bytes_moved: Dict[str, int], out_bytes: int, dtype: torch.dtype, shape: str) -> None:
     """The body of one stage benchmark (skips are decided by the caller, before building inputs).
 

@@ -7,6 +7,13 @@ contiguous); compile = torch.compile of it; fused = ``FusedPrefixEncoder.forward
 Linear, then one Triton kernel for tanh + second Linear + layout); module = the same call on CPU,
 where it runs the reference (on CUDA it is ``fused``, so it is not timed twice). Without the MLP
 (``projection_dim=None``, or after ``merge()``) the stage is a parameter read: nothing to time.
+
+Three prefixes (``test_prefix_stage_three_prefixes``): an encoder-decoder's "encoder", "decoder" and
+"cross" encoders of one shape (BART-large), forward+backward of all three. Providers: fused =
+``grouped_prefix_kv_projection`` (three cuBLAS first Linears, then one launch for the three tails, one
+per backward kernel; what ``grouped_key_values`` runs), separate = the three ``FusedPrefixEncoder``s
+one after the other (a launch set each), eager = the reference per encoder, compile = torch.compile of
+the three eager stages as one function; module = the fused call on CPU (the reference there).
 """
 from dataclasses import dataclass
 
@@ -15,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dept_fast import FusedPrefixEncoder
-from dept_fast.ops import prefix_kv_reference
+from dept_fast.ops import grouped_prefix_kv_projection, prefix_kv_reference
 
 from .stage import MODES, PROVIDERS, bench_stage, compiled, device_case, per_mode, skip_unless_available
 
@@ -89,4 +96,62 @@ def test_prefix_stage(benchmark, device, copy_gbps, name, mode, provider):
                 call=call, params=list(encoder.parameters()), bytes_moved=case.bytes_moved(),
                 out_bytes=case.out_numel * case.dtype.itemsize, dtype=case.dtype,
                 shape=f"p{case.prefix_len} layers{case.layers} kv{case.kv_heads}x{case.head_dim} "
+                      f"e{case.embed_dim} mid{case.mid}")
+
+
+# BART-large (12 layers per stack, 16 heads of 64, d 1024): its three prefixes, one encoder each, of one shape.
+THREE_PREFIX_CASES = {
+    "bart-large-x3-p5": PrefixCase(5, 12, 16, 64, 1024, 512, torch.bfloat16),
+    "bart-large-x3-p200": PrefixCase(200, 12, 16, 64, 1024, 512, torch.bfloat16),
+}
+ENCODERS = ("encoder", "decoder", "cross")
+THREE_PREFIX_PROVIDERS = ["eager", "compile", "fused", "separate", "module"]
+THREE_PREFIX_CUDA_ONLY = {"separate": "three FusedPrefixEncoder launch sets need CUDA (on CPU they are the eager "
+                                      "reference three times)"}
+
+
+def _stage_args(encoder: FusedPrefixEncoder) -> tuple:
+    return (encoder.embedding.weight, encoder.proj_in.weight, encoder.proj_in.bias, encoder.proj_out.weight,
+            encoder.proj_out.bias)
+
+
+def eager_three_prefix_stages(encoders_args, layers: int, kv_heads: int, head_dim: int):
+    """Each encoder's forward in plain PyTorch (one function, so torch.compile sees all three)."""
+    return [eager_prefix_stage(*args, layers, kv_heads, head_dim) for args in encoders_args]
+
+
+def grouped_prefix_stages(encoders_args, layers: int, kv_heads: int, head_dim: int):
+    """Every first Linear, then the three tails in one grouped launch; the three prefixes as views."""
+    hidden = torch.stack([F.linear(embedding, w_in, b_in) for embedding, w_in, b_in, _, _ in encoders_args])
+    return grouped_prefix_kv_projection(hidden, [args[3] for args in encoders_args],
+                                        [args[4] for args in encoders_args], layers, kv_heads, head_dim).unbind(0)
+
+
+@pytest.mark.parametrize("provider", THREE_PREFIX_PROVIDERS)
+@pytest.mark.parametrize("name", THREE_PREFIX_CASES)
+def test_prefix_stage_three_prefixes(benchmark, device, copy_gbps, name, provider):
+    extra = ON_CUDA_SAME_AS_FUSED if device.type == "cuda" else THREE_PREFIX_CUDA_ONLY
+    skip_unless_available(provider, device, extra)
+    case = device_case(name, THREE_PREFIX_CASES, device)
+    torch.manual_seed(0)
+    encoders = [FusedPrefixEncoder(case.prefix_len, case.layers, case.kv_heads, case.head_dim,
+                                   projection_dim=case.mid, embed_dim=case.embed_dim, dtype=case.dtype, device=device)
+                for _ in ENCODERS]
+    layout = (case.layers, case.kv_heads, case.head_dim)
+    if provider == "separate":
+        def call():
+            return [encoder() for encoder in encoders]
+    else:
+        fn = {"eager": eager_three_prefix_stages, "compile": compiled(eager_three_prefix_stages)}.get(
+            provider, grouped_prefix_stages)
+        encoders_args = [_stage_args(encoder) for encoder in encoders]
+
+        def call():
+            return fn(encoders_args, *layout)
+    one = case.bytes_moved()
+    bench_stage(benchmark, device, copy_gbps, kind="prefix-stage", case=name, mode="forward+backward",
+                provider=provider, call=call, params=[p for e in encoders for p in e.parameters()],
+                bytes_moved={mode: len(ENCODERS) * b for mode, b in one.items()},
+                out_bytes=len(ENCODERS) * case.out_numel * case.dtype.itemsize, dtype=case.dtype,
+                shape=f"{len(ENCODERS)} x p{case.prefix_len} layers{case.layers} kv{case.kv_heads}x{case.head_dim} "
                       f"e{case.embed_dim} mid{case.mid}")

@@ -32,6 +32,11 @@ def prefix_cases() -> Dict[str, object]:
     return _bench_module("test_prefix_stage").CASES
 
 
+def three_prefix_cases() -> Dict[str, object]:
+    """name -> PrefixCase of an encoder-decoder's three same-shaped prefixes (BART-large), evaluated grouped."""
+    return _bench_module("test_prefix_stage").THREE_PREFIX_CASES
+
+
 class MixedCase(NamedTuple):
     """A mixed-task batch of the DePT stage: ``adapters`` DePT adapters of one size, one per row."""
 

@@ -1,6 +1,6 @@
 """The model-family matrix: every family users fine-tune, and what each adapter route must give on it.
 
-:data:`MATRIX` holds twenty families built from tiny configs (tests/tiny_models.py), each with the
+:data:`MATRIX` holds twenty-one families built from tiny configs (tests/tiny_models.py), each with the
 contract of every route: ``"exact"`` (equal to a reference built from the plain model, see
 tests/family_references.py), ``"every-row"`` (DePT's default route falls back to the prompt in every
 row, which must be exact) or ``"refused: <regex>"`` (attaching raises a ValueError/TypeError whose
@@ -24,7 +24,6 @@ EXACT, EVERY_ROW = "exact", "every-row"
 LEGACY_ATTENTION = "refused: does not route its attention through transformers' AttentionInterface"
 SCALE_OUTSIDE = ("refused: does not give the plain model's outputs when fed its own embedding module's output "
                  "as inputs_embeds")
-PREFIX_ENCODER_DECODER = "refused: prefix attention supports causal decoders and the encoder-decoders"
 PREFIX_NO_POSITIONS = "refused: takes no position_ids"
 MIXED_NO_POSITIONS = "refused: takes no position_ids, so in a batch whose rows' prompts differ in length"
 
@@ -72,13 +71,14 @@ MATRIX: Dict[str, Family] = {
     "bart-causal": Family(tiny.tiny_bart_causal, no_dropout=_BART_DROPOUT, dept_shared=EVERY_ROW,
                           prefix=PREFIX_NO_POSITIONS, mixed=MIXED_NO_POSITIONS),
     "t5": Family(tiny.tiny_t5, encoder_decoder=True, no_dropout=dict(dropout_rate=0.0)),
-    "bart": Family(tiny.tiny_bart, encoder_decoder=True, no_dropout=_BART_DROPOUT, prefix=PREFIX_ENCODER_DECODER),
-    "mbart": Family(tiny.tiny_mbart, encoder_decoder=True, no_dropout=_BART_DROPOUT, prefix=PREFIX_ENCODER_DECODER),
-    "m2m100": Family(tiny.tiny_m2m100, encoder_decoder=True, no_dropout=_BART_DROPOUT,
-                     prefix=PREFIX_ENCODER_DECODER),
-    # scale_embedding multiplies inside the stacks' forward, which inputs_embeds skip
+    "bart": Family(tiny.tiny_bart, encoder_decoder=True, no_dropout=_BART_DROPOUT),
+    "mbart": Family(tiny.tiny_mbart, encoder_decoder=True, no_dropout=_BART_DROPOUT),
+    "m2m100": Family(tiny.tiny_m2m100, encoder_decoder=True, no_dropout=_BART_DROPOUT),
+    # Pegasus, Marian: scale_embedding multiplies inside the stacks' forward, which inputs_embeds skip
     "pegasus": Family(tiny.tiny_pegasus, encoder_decoder=True, no_dropout=_BART_DROPOUT, dept_shared=SCALE_OUTSIDE,
-                      dept_every_row=SCALE_OUTSIDE, prefix=PREFIX_ENCODER_DECODER),
+                      dept_every_row=SCALE_OUTSIDE),
+    "marian": Family(tiny.tiny_marian, encoder_decoder=True, no_dropout=_BART_DROPOUT, dept_shared=SCALE_OUTSIDE,
+                     dept_every_row=SCALE_OUTSIDE),
 }
 
 CORE = ("gpt2", "llama-gqa", "qwen2-mqa", "t5")
@@ -93,8 +93,8 @@ NO_DROPOUT: Dict[str, Dict[str, Any]] = {name: family.no_dropout for name, famil
 
 LAYOUTS: Dict[str, Dict[str, Tuple[int, int, int]]] = {
     "gpt2": {"decoder": (2, 4, 10)}, "llama-gqa": {"decoder": (2, 2, 12)}, "qwen2-mqa": {"decoder": (2, 1, 8)},
-    "t5": {"encoder": (2, 4, 10), "decoder": (2, 4, 10)}}
-"""Per core family and self-attention stack: (layers, kv_heads, head_dim), the shape of its per-layer prefixes."""
+    "t5": {"encoder": (2, 4, 10), "decoder": (2, 4, 10), "cross": (2, 4, 10)}}
+"""Per core family and attention group: (layers, kv_heads, head_dim), the shape of its per-layer prefixes."""
 
 
 def build(family: str, seed: int = 0, dropout: bool = True, **overrides) -> nn.Module:

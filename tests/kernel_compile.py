@@ -48,10 +48,12 @@ def compiler_unavailable() -> Optional[str]:
 
 def cases() -> Iterator[Tuple[str, str, Callable[[], None]]]:
     """(label, dtype, call of the launchers on meta tensors) for one benchmark shape per dtype (also with
-    embed_scale != 1), and the mixed-batch benchmark (k packed adapters, one per row) in each dtype."""
+    embed_scale != 1), the mixed-batch benchmark (k packed adapters, one per row) in each dtype, and an
+    encoder-decoder's three prefixes in one grouped launch per kernel."""
     import torch
-    from bench_shapes import dept_cases, mixed_cases, prefix_cases
-    from dept_fast.kernels import AdapterRows, dept_backward, dept_forward, prefix_kv_backward, prefix_kv_forward
+    from bench_shapes import dept_cases, mixed_cases, prefix_cases, three_prefix_cases
+    from dept_fast.kernels import (AdapterRows, dept_backward, dept_forward, grouped_prefix_kv_backward,
+                                   grouped_prefix_kv_forward, prefix_kv_backward, prefix_kv_forward)
 
     def t(*shape, dtype):
         return torch.empty(*shape, dtype=dtype, device="meta")
@@ -94,6 +96,14 @@ def cases() -> Iterator[Tuple[str, str, Callable[[], None]]]:
             hidden, weight, t(weight.shape[0], dtype=dt), c.layers, c.kv_heads, c.head_dim)
         yield f"pkv-bwd {name}", dtype_name, lambda c=c, dt=dt, hidden=hidden, weight=weight: prefix_kv_backward(
             t(c.layers, 2, c.kv_heads, c.prefix_len, c.head_dim, dtype=dt), hidden, weight, dt)
+    # Three prefixes of one shape in one launch per kernel (BART-large p 200, bf16): the offsets-table variant.
+    name, c = "bart-large-x3-p200", three_prefix_cases()["bart-large-x3-p200"]
+    n_out, groups = c.layers * 2 * c.kv_heads * c.head_dim, 3
+    hidden, weights = t(groups, c.prefix_len, c.mid, dtype=c.dtype), [t(n_out, c.mid, dtype=c.dtype)] * groups
+    yield f"pkv-fwd {name}", "bf16", lambda: grouped_prefix_kv_forward(
+        hidden, weights, [t(n_out, dtype=c.dtype)] * groups, c.layers, c.kv_heads, c.head_dim)
+    yield f"pkv-bwd {name}", "bf16", lambda: grouped_prefix_kv_backward(
+        t(groups, c.layers, 2, c.kv_heads, c.prefix_len, c.head_dim, dtype=c.dtype), hidden, weights, c.dtype)
 
 
 def specialise(kernel, args: tuple, meta: Dict[str, object]) -> Tuple[dict, dict, dict, dict]:
@@ -109,6 +119,8 @@ def specialise(kernel, args: tuple, meta: Dict[str, object]) -> Tuple[dict, dict
         index = (names.index(name),)
         if isinstance(value, torch.Tensor):  # torch allocations are 16-byte aligned
             signature[name], attrs[index] = "*" + _TYPES[str(value.dtype).split(".")[-1]], [["tt.divisibility", 16]]
+        elif value is None:  # an absent optional pointer (e.g. no offsets table for one group): a constexpr
+            signature[name], constexprs[name] = "constexpr", None
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int) and value == 1:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dept_fast import apply_dept, apply_prefix_tuning, load_dept, load_prefix_tuning
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
+from tiny_models import VOCAB, tiny_bart, tiny_gpt2, tiny_llama, tiny_t5
 
 M, R, S, P = 3, 4, 16, 3
 SETUPS = {  # name -> (base builder, attach, load, adapter attribute)
@@ -19,6 +19,8 @@ SETUPS = {  # name -> (base builder, attach, load, adapter attribute)
     "t5-dept": (tiny_t5, lambda m: apply_dept(m, M, R, S, lora_alpha=6.0), load_dept, "dept"),
     "llama-prefix": (tiny_llama, lambda m: apply_prefix_tuning(m, P, projection_dim=8), load_prefix_tuning,
                      "prefix_tuning"),
+    "bart-prefix": (tiny_bart, lambda m: apply_prefix_tuning(m, P, projection_dim=8), load_prefix_tuning,
+                    "prefix_tuning"),  # encoder, decoder and cross-attention prefixes
 }
 
 
@@ -136,7 +138,7 @@ def test_save_pretrained_reloads_each_stacks_form(shard, tmp_path):
     model.prefix_tuning.to(torch.bfloat16)
     model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
     loaded = load_prefix_tuning(tiny_t5(), tmp_path)
-    assert [e.merged for e in loaded.prefix_tuning.encoders.values()] == [True, False]
+    assert [e.merged for e in loaded.prefix_tuning.encoders.values()] == [True, False, False]
     assert_same_state(adapter_state(loaded, "prefix_tuning"), adapter_state(model, "prefix_tuning"))
     assert torch.equal(logits(loaded), logits(model))
 

@@ -1,5 +1,5 @@
 """The family matrix (tests/families.py): every DePT route, Prefix-Tuning, the mixed batch and generate
-on twenty families, each exact against a reference built from the plain model
+on twenty-one families, each exact against a reference built from the plain model
 (tests/family_references.py) or refused when the adapter is attached, with the model left as it was.
 
 Tolerances: tests/numerics.py ``model_tol`` (fp32 rounding bounded by the model's reduction lengths).
@@ -12,6 +12,7 @@ import torch
 from dept_fast import apply_dept, apply_prefix_tuning
 from dept_models import randomized
 from families import EXACT, MATRIX, build
+from encoder_decoder_references import prefix_attention
 from family_references import dept_forward, greedy, prefix_forward
 from numerics import model_tol, rel_err
 from tiny_models import VOCAB
@@ -110,11 +111,8 @@ def test_prefix_equals_the_plain_model_with_a_prefilled_cache(family):
         return
     randomized(model.prefix_tuning)
     base = build(family, dropout=False)
-    if base.config.is_encoder_decoder:  # no cache route for an encoder: tests/test_prefix_attention.py
-        inputs = right_padded(True)
-        before = base(**inputs).logits
-        assert rel_err(model(**inputs).logits, before) > 1e-2
-        return
+    if base.config.is_encoder_decoder:
+        return _encoder_decoder_prefix_matches_the_reference(model, base)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, VOCAB, (2, 5), generator=gen)
     mask = torch.ones_like(ids)
@@ -129,6 +127,27 @@ def test_prefix_equals_the_plain_model_with_a_prefilled_cache(family):
     assert rel_err(out.loss, ref.loss) <= tol
     want = torch.stack([torch.stack([k.grad[0], v.grad[0]]) for k, v in key_values])
     assert rel_err(encoder.prefix.grad, want) <= tol
+
+
+def _encoder_decoder_prefix_matches_the_reference(model, base):
+    """The paper's three prefixes against the plain model attending to them at the attention level
+    (tests/encoder_decoder_references.py): logits, loss, every prefix's gradient."""
+    inputs = right_padded(True)
+    out = model(**inputs)
+    out.loss.backward()
+    encoders = model.prefix_tuning.encoders
+    assert sorted(encoders) == ["cross", "decoder", "encoder"]
+    prefixes = {group: prefix_key_values(encoder) for group, encoder in encoders.items()}
+    with prefix_attention(base, prefixes):
+        ref = base(**inputs)
+    ref.loss.backward()
+    tol = model_tol(base, inputs["input_ids"].numel() + 2 * P, backward=True)
+    assert rel_err(out.logits, ref.logits) <= tol
+    assert rel_err(out.loss, ref.loss) <= tol
+    assert rel_err(out.logits, base(**inputs).logits) > 1e-2
+    for group, encoder in encoders.items():
+        want = torch.stack([torch.stack([k.grad[0], v.grad[0]]) for k, v in prefixes[group]])
+        assert rel_err(encoder.prefix.grad, want) <= tol, group
 
 
 def mixed_adapters(family):

@@ -47,6 +47,9 @@ def test_every_kernel_compiles_for_each_target_and_dtype(compiled):
     assert scaled == {(k, d, f"sm_{cc}") for k in ("dept_fwd_kernel", "dept_bwd_kernel")
                       for d in ("fp32", "fp16", "bf16") for cc in TARGETS}
     # the packed-adapter (one per row) variants of both DePT kernels, in every dtype
+    # the grouped prefix launches (three encoders, through the offsets table)
+    grouped = {(r["kernel"], r["target"]) for r in compiled if r["case"].endswith("-x3-p200")}
+    assert grouped == {(k, f"sm_{cc}") for k in KERNELS if k.startswith("prefix") for cc in TARGETS}
     indexed = {(r["kernel"], r["dtype"], r["target"]) for r in compiled if r["constexprs"].get("INDEXED")}
     assert indexed == {(k, d, f"sm_{cc}") for k in ("dept_fwd_kernel", "dept_bwd_kernel")
                        for d in ("fp32", "fp16", "bf16") for cc in TARGETS}

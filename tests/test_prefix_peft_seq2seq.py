@@ -14,13 +14,12 @@ import torch
 
 from dept_fast import apply_prefix_tuning, load_prefix_tuning
 from dept_fast.compat import enable_activation_checkpointing
-from dept_fast.hf.route import ENCODER_DECODER_TYPES
 from families import build
 from numerics import model_tol, rel_err
 
 peft = pytest.importorskip("peft")  # a test extra; machines without it skip this module
 P = 3
-FAMILIES = ["t5", "bart"] if "bart" in ENCODER_DECODER_TYPES else ["t5"]  # BART's route: branch encdec-core
+FAMILIES = ["t5", "bart"]
 
 
 def make_peft(family, prefix_len=P, projection=False, seed=1, **overrides):
@@ -255,10 +254,10 @@ def test_refuses_an_unknown_position_convention(tmp_path):
 
 
 def test_refuses_cache_positions_beyond_the_decoder(tmp_path):
-    model = apply_prefix_tuning(build("t5", dropout=False), P, projection_dim=None)
+    model = apply_prefix_tuning(build("t5", dropout=False), P, projection_dim=None, attentions=("decoder", "cross"))
     model.prefix_tuning.save_pretrained(tmp_path)
     _edit_our_config(tmp_path, positions="cache")
-    with pytest.raises(ValueError, match=r"has prefixes on \['decoder', 'encoder'\] with the 'cache' position "
+    with pytest.raises(ValueError, match=r"has prefixes on \['cross', 'decoder'\] with the 'cache' position "
                                          r"convention, which places a prefix on the decoder's self-attention only"):
         load_prefix_tuning(build("t5", dropout=False), tmp_path)
 
@@ -307,7 +306,6 @@ def test_activation_checkpointing_keeps_the_prefix(family, tmp_path):
     assert rel_err(grad_checkpointed, grad) <= model_tol(model, P + batch["input_ids"].shape[1], backward=True)
 
 
-@pytest.mark.skipif("bart" not in FAMILIES, reason="BART's route comes with branch encdec-core")
 @pytest.mark.parametrize("names, lengths", [(["a", "b"], r"\[2, 3\]"),
                                             (["a", "__base__"], r"\[3\] and plain rows \(none\)")])
 def test_refuses_a_batch_of_positions_per_row(names, lengths, tmp_path):

@@ -1,5 +1,6 @@
-"""examples/train_dept.py runs (few steps, small shapes), its loss falls for PT and DePT, and it runs on
-the CPU threads it is given, leaving torch's thread count as it found it."""
+"""The examples run (few steps, small shapes) and their loss falls: examples/train_dept.py for PT and
+DePT, on the CPU threads it is given, leaving torch's thread count as it found it; and
+examples/train_prefix_bart.py with its three prefixes, generating after training."""
 import importlib.util
 import math
 import pathlib
@@ -21,3 +22,13 @@ def test_training_example_runs_and_loss_falls():
     assert results[0]["trainable"] == results[1]["trainable"]  # budget() matched the parameter counts
     for r in results:
         assert math.isfinite(r["last"]) and r["last"] < r["first"] - 0.1, r
+
+
+def test_prefix_bart_example_trains_three_prefixes_and_generates():
+    spec = importlib.util.spec_from_file_location("train_prefix_bart", EXAMPLE.with_name("train_prefix_bart.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--steps", "40", "--batch", "8", "--projection-dim", "32"])
+    assert result["groups"] == ["cross", "decoder", "encoder"]
+    assert math.isfinite(result["last"]) and result["last"] < result["first"] - 0.1, result
+    assert result["after"].shape == result["shown"]["labels"].shape

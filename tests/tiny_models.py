@@ -152,6 +152,12 @@ def tiny_pegasus(seed: int = 0, **overrides) -> nn.Module:
                   {**_BART, "scale_embedding": True, "decoder_start_token_id": 0}, overrides)
 
 
+def tiny_marian(seed: int = 0, **overrides) -> nn.Module:
+    """2+2-layer Marian (sinusoidal positions, post-norm), scaled embeddings."""
+    return _build("MarianConfig", "MarianMTModel", seed,
+                  {**_BART, "scale_embedding": True, "decoder_start_token_id": 0, "pad_token_id": 0}, overrides)
+
+
 def tiny_vllm_llama(seed: int = 0, **overrides) -> nn.Module:
     """2-layer Llama that vLLM's CPU backend serves: head_dim 64 (its CPU attention refuses 16), d 256,
     grouped-query attention (4 query heads, 2 key/value heads)."""

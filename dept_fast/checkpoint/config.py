@@ -87,12 +87,12 @@ POSITIONS = ("cache",)
 
 @dataclass(frozen=True)
 class PrefixTuningConfig:
-    """A Prefix-Tuning adapter: p prefix slots per layer, per stack ("decoder"; T5: "encoder" and
-    "decoder") a :class:`StackConfig`, and its position convention ``positions``: None, the model's
-    own (a causal decoder's tokens sit after the prefix; an encoder-decoder's prefix has no position),
-    or "cache": the prefix sits at positions 0..p-1 of the decoder's self-attention and the decoder's
-    tokens after it, as in a pre-filled cache (PEFT's encoder-decoder prefixes). Recorded only when set,
-    so a config without it reads as None."""
+    """A Prefix-Tuning adapter: p prefix slots per layer, per attention group ("decoder"; encoder-decoders:
+    any of "encoder", "decoder", "cross") a :class:`StackConfig`, and its position convention
+    ``positions``: None, the model's own (a causal decoder's tokens sit after the prefix; an
+    encoder-decoder's prefix has no position), or "cache": the prefix sits at positions 0..p-1 of the
+    decoder's self-attention and the decoder's tokens after it, as in a pre-filled cache (PEFT's
+    encoder-decoder prefixes). Recorded only when set, so a config without it reads as None."""
 
     prefix_len: int
     stacks: Dict[str, StackConfig]

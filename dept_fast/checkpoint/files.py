@@ -112,8 +112,10 @@ class Tensors:
                     self._where[key[len(prefix):]] = (file, key, state)
 
     def load(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
-        """The named tensors (check the header first), each with memory of its own (never a view of
-        a memory-mapped file)."""
+        """The named tensors (check the header first), each with memory of its own allocated by torch
+        (never a view of a memory-mapped file): safetensors' tensors sit at the file's byte offsets,
+        and CPU matmuls of unaligned operands can round differently from those of the tensors that
+        were saved, so a loaded adapter would not reproduce the saved one's outputs bit for bit."""
         out = {}
         for name in names:
             file, key, state = self._where[name]
@@ -121,7 +123,7 @@ class Tensors:
                 out[name] = state[key].clone()
             else:
                 with safe_open(file, "pt") as f:
-                    out[name] = f.get_tensor(key)
+                    out[name] = f.get_tensor(key).clone()
         return out
 
 

@@ -44,8 +44,12 @@ its (b, k) mask, never a (b, 1, q, k) one.
 One pass's instructions reach the function as the forward keyword argument :data:`PREFIX_KWARG`
 (``dept_prefix``), a :class:`PrefixKV` that transformers hands down to every attention layer and
 gradient checkpointing replays. Modules tagged with :data:`PREFIX_SLOT_ATTR` (their slot 0, 1, ...
-among a stack's self-attention layers) get ``key_values[slot]``; untagged ones (e.g. T5
-cross-attention) run the wrapped implementation untouched.
+among a stack's self-attention layers) get ``key_values[slot]``; an encoder-decoder's
+cross-attention layers, tagged with :data:`PREFIX_CROSS_ATTR`, get theirs from ``cross`` (a
+:class:`PrefixKV` of its own: its prefix joins the keys/values computed from the encoder's output,
+every decoder position attends to all of it, the encoder's padding mask still covers the encoder
+part); untagged ones, or a pass without prefixes for their group, run the wrapped implementation
+untouched.
 
 Why not the Cache API: PEFT hands prefixes over as a pre-filled ``past_key_values`` cache, which
 transformers drops under gradient checkpointing in training, silently losing the prefix. Forward
@@ -71,6 +75,7 @@ KeyValue = Tuple[torch.Tensor, torch.Tensor]
 
 PREFIX_KWARG = "dept_prefix"
 PREFIX_SLOT_ATTR = "dept_prefix_slot"
+PREFIX_CROSS_ATTR = "dept_prefix_cross_slot"
 ATTENTION_NAMES: Dict[str, str] = {"sdpa": "dept_prefix", "eager": "dept_prefix_eager"}
 """Wrapped implementation -> the name the prefix attention wrapping it is registered under (any other
 implementation joins when :func:`register` wraps it)."""
@@ -100,13 +105,14 @@ class PrefixKV:
             shared prompt's labels and logits), carried with the call, never on the model.
         masks: the masks joined with the prefix columns in this pass (:meth:`joined_mask`), and T5's
             position biases (:func:`join_position_bias`).
+        cross: the prefixes of the cross-attention layers (an encoder-decoder's decoder pass), or None.
         positions: None: the prefix has no position (T5's position bias gives its columns none); an
             int c: the "cache" convention of PEFT's encoder-decoder prefixes, a row's prefix of p
             slots at positions 0..p-1 and its token i of this pass at p + c + i (c tokens cached
             before this pass).
     """
 
-    __slots__ = ("key_values", "source", "valid", "capture", "grad_enabled", "state", "masks", "positions")
+    __slots__ = ("key_values", "source", "valid", "capture", "grad_enabled", "state", "masks", "cross", "positions")
 
     def __init__(self, key_values: Optional[Sequence[KeyValue]] = None, source: Optional[torch.Tensor] = None,
                  valid: Optional[torch.Tensor] = None, capture: Optional[Dict[int, KeyValue]] = None,
@@ -118,6 +124,7 @@ class PrefixKV:
         self.grad_enabled = grad_enabled
         self.state = state
         self.masks: List[Tuple[Any, tuple, Any]] = []
+        self.cross: Optional["PrefixKV"] = None
         self.positions: Optional[int] = None
 
     @property
@@ -520,6 +527,9 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         calls.append((module, key, dept_prefix is not None))
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[3]), None
     slot = getattr(module, PREFIX_SLOT_ATTR, None)
+    cross = getattr(module, PREFIX_CROSS_ATTR, None)
+    if cross is not None:  # an encoder-decoder's cross-attention layer: the prefixes of its group
+        spec, slot = spec.cross or PrefixKV(), cross
     lost_grad = spec.grad_enabled and not torch.is_grad_enabled()
     if slot is not None and spec.capture is not None:
         if lost_grad:  # the captured K/V would carry no gradient

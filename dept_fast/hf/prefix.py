@@ -1,13 +1,21 @@
 """Prefix-Tuning on a transformers model: ``apply_prefix_tuning``, ``load_prefix_tuning``.
 
 The adapter, :class:`~dept_fast.modules.prefix_tuning.PrefixTuning`, is registered on the model as
-``model.prefix_tuning``: one :class:`FusedPrefixEncoder` per attention stack (``"decoder"`` for
-GPT-2, Llama and other causal decoders; ``"encoder"`` and ``"decoder"`` for T5, the paper's encoder
-and decoder prefixes, on the encoder's and the decoder's self-attention; Li & Liang's code's third
-prefix, on the decoder's cross-attention, is not implemented). The base model is frozen and keeps
-its class, forward signature and ``generate()``. A forward pre-hook on each stack evaluates its
-encoder and passes the per-layer prefixes to the prefix attention (:mod:`dept_fast.hf.attention`)
-as the ``dept_prefix`` kwarg, with ``position_ids`` starting at p (:mod:`dept_fast.hf.positions`).
+``model.prefix_tuning``: one :class:`FusedPrefixEncoder` per attention group
+(:data:`~dept_fast.hf.route.ATTENTIONS`): ``"decoder"`` for GPT-2, Llama and other causal decoders;
+for encoder-decoders (T5, BART, mBART, M2M100, Pegasus, Marian, ...) Li & Liang's three, ``"encoder"``
+(the encoder's self-attention), ``"decoder"`` (the decoder's self-attention) and ``"cross"`` (the
+decoder's cross-attention), or those chosen with ``attentions=``. The base model is frozen and keeps
+its class, forward signature and ``generate()``. A forward pre-hook on each stack evaluates the
+prefixes its pass carries and passes them to the prefix attention (:mod:`dept_fast.hf.attention`) as
+the ``dept_prefix`` kwarg. Positions: in a causal decoder the tokens sit after the prefix
+(``position_ids`` starting at p, :mod:`dept_fast.hf.positions`), as PEFT's pre-filled cache puts
+them; in an encoder-decoder the prefix has no position (tokens keep theirs, T5's position bias gives
+the prefix columns none), as in Li & Liang's BART code, except for an adapter of the "cache" position
+convention (PEFT's encoder-decoder checkpoints): its decoder prefix sits at positions 0..p-1 and the
+decoder's tokens after it (T5: bias columns of keys 0..p-1 for queries at p + i,
+:func:`~dept_fast.hf.attention.join_position_bias`; BART family: the decoder's positions module
+moved by p, :class:`~dept_fast.hf.positions.ShiftPositions`).
 Checkpoint formats: :mod:`dept_fast.checkpoint.prefix`.
 """
 import inspect
@@ -24,12 +32,12 @@ from ..modules.prefix_encoder import FusedPrefixEncoder
 from ..modules.prefix_tuning import PrefixTuning
 from .adapters import DEPT, PREFIX, adapters_of, call_names, refuse_taken, row_adapters
 from .attach import attach, forward_arguments, prefix_pass
-from .attention import PREFIX_KWARG, PREFIX_SLOT_ATTR, KeyValue
+from .attention import PREFIX_CROSS_ATTR, PREFIX_KWARG, PREFIX_SLOT_ATTR, KeyValue, PrefixKV
 from .dept import DEFAULT_NAME, decoder_inputs
 from .peft_models import attach_through
 from .positions import (CACHE_KWARGS, EndDecoderOffset, ShiftPositions, cached_length, positions_module,
                         set_decoder_offset)
-from .route import PrefixRoute, check_attention_window, check_route, prefix_route
+from .route import ATTENTIONS, PrefixRoute, check_attention_window, check_route, prefix_route
 from .transaction import all_or_nothing
 from .verify import PrefixProbe, Refused, own_random_numbers, plain_call
 
@@ -37,18 +45,21 @@ PathLike = Union[str, os.PathLike]
 
 
 def apply_prefix_tuning(model: nn.Module, prefix_len: int, projection_dim: Optional[int] = 512,
-                        adapter_name: str = DEFAULT_NAME) -> nn.Module:
+                        adapter_name: str = DEFAULT_NAME, attentions: Optional[Sequence[str]] = None) -> nn.Module:
     """Freeze ``model`` and attach fresh Prefix-Tuning prefixes (``model.prefix_adapters[adapter_name]``;
     ``model.prefix_tuning`` while its name is the active one).
 
     Args:
-        model: a transformers causal decoder whose attention goes through ``AttentionInterface``
-            (GPT-2, Llama with or without grouped-query attention, ...) or T5, built with
-            ``attn_implementation`` "sdpa" (default) or "eager"; prefix attention wraps that one.
+        model: a transformers causal decoder or encoder-decoder whose attention goes through
+            ``AttentionInterface`` (GPT-2, Llama with or without grouped-query attention, T5, BART,
+            ...), with any attention implementation the prefix attention wraps (sdpa, eager, ...).
         prefix_len: p, prefix slots per attention layer.
-        projection_dim: width of the reparameterization MLP (Embedding(p, d) -> Linear(d, mid) ->
+        projection_dim: width of each reparameterization MLP (Embedding(p, d) -> Linear(d, mid) ->
             tanh -> Linear(mid, layers * 2 * kv_heads * head_dim), d the model's hidden size), or
             None to train the prefixes directly.
+        attentions: which attention groups get a prefix, each from its own MLP: a subset of
+            ``("encoder", "decoder", "cross")`` for an encoder-decoder (default: all three, the
+            paper's), ``("decoder",)`` for a causal decoder (the default).
         adapter_name: the adapter's name; a call picks one per row with ``adapter_names=[...]``
             (:mod:`dept_fast.hf.adapters`). A DePT adapter of the same name acts together with it
             (its prompt in every row only).
@@ -61,7 +72,7 @@ def apply_prefix_tuning(model: nn.Module, prefix_len: int, projection_dim: Optio
     """
     def attach_to(target: nn.Module) -> nn.Module:
         refuse_sharded(target)
-        return _attach(target, adapter_name, (prefix_len, projection_dim))
+        return _attach(target, adapter_name, (prefix_len, projection_dim, attentions))
 
     return attach_through(model, attach_to)
 
@@ -86,9 +97,12 @@ def _hidden_size(model: nn.Module) -> Optional[int]:
     return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
 
 
-def _attach(model: nn.Module, name: str, spec: Union[Tuple[int, Optional[int]], PrefixCheckpoint]) -> nn.Module:
-    """Attach fresh prefixes (``spec`` = (prefix_len, projection_dim)) or a checkpoint's, and verify them
-    (:mod:`dept_fast.hf.verify`), all or nothing."""
+FreshPrefixes = Tuple[int, Optional[int], Optional[Sequence[str]]]
+"""(prefix_len, projection_dim, attentions) of :func:`apply_prefix_tuning`."""
+
+
+def _attach(model: nn.Module, name: str, spec: Union[FreshPrefixes, PrefixCheckpoint]) -> nn.Module:
+    """Attach fresh prefixes or a checkpoint's, and verify them (:mod:`dept_fast.hf.verify`), all or nothing."""
     refuse_taken(model, PREFIX, name)
     dept = adapters_of(model, DEPT)[name] if name in adapters_of(model, DEPT) else None
     if getattr(dept, "share_prompt", False):
@@ -103,11 +117,12 @@ def _attach(model: nn.Module, name: str, spec: Union[Tuple[int, Optional[int]], 
             if isinstance(spec, PrefixCheckpoint):
                 adapter = _from_checkpoint(spec, route.layouts, device)
             else:
-                prefix_len, projection_dim = spec
-                adapter = PrefixTuning({stack: FusedPrefixEncoder(prefix_len, *layout, projection_dim=projection_dim,
+                prefix_len, projection_dim, attentions = spec
+                adapter = PrefixTuning({group: FusedPrefixEncoder(prefix_len, *route.layouts[group],
+                                                                  projection_dim=projection_dim,
                                                                   embed_dim=_hidden_size(model), dtype=dtype,
                                                                   device=device)
-                                        for stack, layout in route.layouts.items()})
+                                        for group in _chosen(model, route, attentions)})
         hooks = lambda: [(stack, "pre", StackPrefixes(model, stack_name, stack, route))  # noqa: E731
                          for stack_name, stack in route.stacks.items()] + _decoder_position_hooks(model, route)
         attach(model, PREFIX, name, adapter, adapter_config(adapter).to_json(), hooks)
@@ -133,10 +148,26 @@ def _attach(model: nn.Module, name: str, spec: Union[Tuple[int, Optional[int]], 
     return model
 
 
+def _chosen(model: nn.Module, route: PrefixRoute, attentions: Optional[Sequence[str]]) -> List[str]:
+    """The attention groups ``attentions`` names (None: all the route has), checked against the route."""
+    if attentions is None:
+        return list(route.layouts)
+    if isinstance(attentions, str) or not attentions:
+        raise ValueError(f"attentions must be a non-empty sequence of attention groups, e.g. {tuple(route.layouts)}; "
+                         f"got {attentions!r}")
+    unknown = [group for group in attentions if group not in route.layouts]
+    if unknown:
+        what = {"encoder": "an encoder", "decoder": "a decoder", "cross": "cross-attention"}
+        missing = ", ".join(f"{g!r} ({what[g]})" if g in what else repr(g) for g in unknown)
+        raise ValueError(f"{type(model).__name__} has no attention group {missing} to put a prefix on; its groups "
+                         f"are {tuple(route.layouts)}")
+    return list(dict.fromkeys(attentions))
+
+
 def _probe_prefixes(route: PrefixRoute, device: torch.device, dtype: torch.dtype,
                     adapter: PrefixTuning) -> PrefixTuning:
-    """Random prefixes of 2 slots, for the self-check: on every stack of the route, or for an adapter
-    of the "cache" position convention on its stacks, with that convention."""
+    """Random prefixes of 2 slots, for the self-check: on every attention group of the route, or for an
+    adapter of the "cache" position convention on its groups, with that convention."""
     stacks = adapter.encoders if adapter.positions is not None else route.layouts
     with own_random_numbers(device):
         return PrefixTuning({stack: FusedPrefixEncoder(2, *route.layouts[stack], projection_dim=None, dtype=dtype,
@@ -175,14 +206,17 @@ def _cache_reference(model: nn.Module, ids: torch.Tensor, adapter: PrefixTuning,
 
 class StackPrefixes:
     """Forward pre-hook of one stack: guard the pass, find each row's prefix adapter, evaluate the
-    stack's prefixes and pass them as the kwarg (a callable object, so ``copy.deepcopy(model)`` maps
-    it onto the copy's adapters). In a mixed batch, each prefix adapter's prefixes are evaluated
-    once and the rows gather theirs in the attention."""
+    prefixes of the stack's attention groups (a decoder's self- and cross-attention) and pass them as
+    the kwarg (a callable object, so ``copy.deepcopy(model)`` maps it onto the copy's adapters). In a
+    mixed batch, each prefix adapter's prefixes are evaluated once and the rows gather theirs in the
+    attention; a row whose adapter has no prefix on a group attends to none there."""
 
     def __init__(self, model: nn.Module, name: str, stack: nn.Module, route: PrefixRoute) -> None:
         self.model, self.name, self.route = model, name, route
+        self.groups = [group for group in route.layouts if ATTENTIONS[group] == name]
         self.signature = inspect.signature(stack.forward)
-        self.shift_positions = "position_ids" in self.signature.parameters
+        # an encoder-decoder's prefix has no position (see the module docstring)
+        self.shift_positions = "position_ids" in self.signature.parameters and not model.config.is_encoder_decoder
         # an encoder-decoder's decoder whose positions move under the "cache" convention (BART family)
         self.moves_positions = bool(model.config.is_encoder_decoder) and name == "decoder" \
             and _decoder_positions(route) is not None
@@ -192,22 +226,21 @@ class StackPrefixes:
         kwargs = forward_arguments(self.signature, args, kwargs)
         inputs = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         rows = row_adapters(self.model, PREFIX, call_names(kwargs), inputs.shape[0], inputs.device)
-        if not rows.adapters:
+        wanted = [(i, group) for group in self.groups for i, adapter in enumerate(rows.adapters)
+                  if group in adapter.encoders]
+        if not wanted:
             return (), kwargs
         positions = position_convention(self.model, rows.adapters)
-        having = [adapter for adapter in rows.adapters if self.name in adapter.encoders]
-        if not having:
-            return (), kwargs
-        if len(having) != len(rows.adapters):
-            raise ValueError(f"this batch's rows take prefix adapters of which only some have {self.name} prefixes; "
-                             "call such adapters in separate batches")
-        longest = max(adapter.encoders[self.name].prefix_len for adapter in rows.adapters)
-        check_attention_window(self.model, longest + cached_length(kwargs) + inputs.shape[1], "the prefix")
-        if rows.uniform:
-            key_values, valid = zero3_module(rows.adapters[0].encoders[self.name]).key_values(), None
-        else:
-            key_values, valid = pack_prefixes([zero3_module(a.encoders[self.name]).key_values() for a in rows.adapters])
-        kwargs = prefix_pass(kwargs, key_values, rows.index, valid, shift_positions=self.shift_positions)
+        if self.name in self.groups and not self.model.config.is_encoder_decoder:
+            longest = max(rows.adapters[i].encoders[self.name].prefix_len for i, group in wanted if group == self.name)
+            check_attention_window(self.model, longest + cached_length(kwargs) + inputs.shape[1], "the prefix")
+        evaluated = dict(zip(wanted, _key_values([zero3_module(rows.adapters[i].encoders[group])
+                                                  for i, group in wanted])))
+        specs = {group: _group_prefixes(rows, group, evaluated) for group in self.groups}
+        own = specs.get(self.name) or (None, None, None)
+        kwargs = prefix_pass(kwargs, *own, shift_positions=self.shift_positions)
+        if specs.get("cross") is not None:
+            kwargs[PREFIX_KWARG].cross = PrefixKV(*specs["cross"], grad_enabled=torch.is_grad_enabled())
         if positions == "cache" and self.model.config.is_encoder_decoder:
             kwargs[PREFIX_KWARG].positions = cached_length(kwargs)
             if self.moves_positions:
@@ -215,10 +248,36 @@ class StackPrefixes:
         return (), kwargs
 
 
+def _key_values(encoders: List[FusedPrefixEncoder]) -> List[List[KeyValue]]:
+    """Each encoder's per-layer prefixes."""
+    return [encoder.key_values() for encoder in encoders]
+
+
+def _group_prefixes(rows, group: str, evaluated: Dict[Tuple[int, str], List[KeyValue]]
+                    ) -> Optional[Tuple[List[KeyValue], Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """(key_values, source, valid) of one attention group for a :class:`PrefixKV` (None: no row's
+    adapter has a prefix there): the rows' adapters that have one become its sources, in order; rows
+    of the other adapters, or of none, take source -1."""
+    having = [i for i in range(len(rows.adapters)) if (i, group) in evaluated]
+    if not having:
+        return None
+    if len(having) == 1:
+        key_values, valid = evaluated[having[0], group], None
+    else:
+        key_values, valid = pack_prefixes([evaluated[i, group] for i in having])
+    source = rows.index
+    if source is not None and len(having) != len(rows.adapters):
+        remap = torch.full((len(rows.adapters) + 1,), -1, dtype=torch.long, device=source.device)
+        remap[torch.tensor(having, device=source.device)] = torch.arange(len(having), device=source.device)
+        source = remap[source]  # index -1 (no adapter) reads the last entry, -1
+    return key_values, source, valid
+
+
 def _decoder_positions(route: PrefixRoute) -> Optional[nn.Module]:
     """The encoder-decoder's decoder positions module (:func:`~dept_fast.hf.positions.positions_module`)."""
     decoder = route.stacks["decoder"]
-    return positions_module(decoder, [m for m in decoder.modules() if hasattr(m, PREFIX_SLOT_ATTR)])
+    return positions_module(decoder, [m for m in decoder.modules()
+                                      if hasattr(m, PREFIX_SLOT_ATTR) or hasattr(m, PREFIX_CROSS_ATTR)])
 
 
 def _decoder_position_hooks(model: nn.Module, route: PrefixRoute) -> List[Tuple[nn.Module, str, Any]]:
@@ -276,8 +335,10 @@ def _from_checkpoint(checkpoint: PrefixCheckpoint, layouts: Dict[str, Tuple[int,
     checkpoint's tensors as they are (their dtype kept), on ``device``."""
     _check_layouts(checkpoint, layouts)
     encoders = {}
-    for name, stack in checkpoint.config.stacks.items():
-        layout = layouts[name]
+    for name, layout in layouts.items():  # the model's order of groups
+        stack = checkpoint.config.stacks.get(name)
+        if stack is None:
+            continue
         dtype = next(t.dtype for key, t in checkpoint.tensors.items() if key.startswith(f"{name}."))
         encoders[name] = FusedPrefixEncoder(checkpoint.config.prefix_len, *layout, projection_dim=stack.projection_dim,
                                             embed_dim=stack.embed_dim, dtype=dtype, device="meta")

@@ -7,14 +7,18 @@ flash_attention_*, a kernel registered by name) and finds its
 records which modules are entered and which attention modules call the function, and takes as a
 stack the innermost entered module, above all of a stack's attention layers, whose forward embeds
 tokens (``GPT2Model``, ``LlamaModel``, ``OPTDecoder`` -- ``OPTForCausalLM.forward`` skips ``OPTModel``
---, T5's two ``T5Stack``; an encoder-decoder's encoder is ``get_encoder()``, its decoder's
-cross-attention calls are told apart by their keys' length). A second run with an empty
-``dept_prefix`` kwarg passed to each stack checks that every self-attention layer receives it, and
-tags each, in call order, with its slot (``route.layouts`` = per stack (layers, kv_heads,
+--, an encoder-decoder's two stacks: T5's ``T5Stack``, ``BartEncoder`` / ``BartDecoder`` and their
+kin; its encoder is ``get_encoder()``, its decoder's cross-attention calls are told apart from its
+self-attention calls by their keys' length, the encoder's). A second run with an empty
+``dept_prefix`` kwarg passed to each stack checks that every attention layer receives it, and tags
+each, in call order, with its slot among its :data:`ATTENTIONS` group: self-attention layers with
+:data:`~dept_fast.hf.attention.PREFIX_SLOT_ATTR`, cross-attention layers with
+:data:`~dept_fast.hf.attention.PREFIX_CROSS_ATTR` (``route.layouts`` = per group (layers, kv_heads,
 head_dim)). Models whose attention does not call the function, whose layers do not pass the kwarg
-on, or that are neither causal decoders nor T5 are refused; every change is undone if the ``with``
-body raises (:func:`~dept_fast.hf.transaction.all_or_nothing`). The route is kept on the model
-(attribute :data:`ROUTE_ATTR`); every adapter that passes prefix keys/values uses the one route.
+on, or with bidirectional self-attention outside an encoder-decoder's encoder are refused; every
+change is undone if the ``with`` body raises (:func:`~dept_fast.hf.transaction.all_or_nothing`). The
+route is kept on the model (attribute :data:`ROUTE_ATTR`); every adapter that passes prefix
+keys/values uses the one route.
 """
 import functools
 import inspect
@@ -28,12 +32,14 @@ from torch import nn
 
 from ..distributed import gathered_forward
 from .adapters import BASE, ROWS_KWARG, adapter_names
-from .attention import (ATTENTION_NAMES, PREFIX_KWARG, PREFIX_SLOT_ATTR, Call, PrefixKV, mask_kind, recording_calls,
-                        register, wrapped_implementation)
+from .attention import (ATTENTION_NAMES, PREFIX_CROSS_ATTR, PREFIX_KWARG, PREFIX_SLOT_ATTR, Call, PrefixKV, mask_kind,
+                        recording_calls, register, wrapped_implementation)
 from .transaction import all_or_nothing
 
 ROUTE_ATTR = "_dept_fast_route"
-ENCODER_DECODER_TYPES = ("t5",)
+ATTENTIONS: Dict[str, str] = {"encoder": "encoder", "decoder": "decoder", "cross": "decoder"}
+"""Attention group -> the stack whose pass carries its prefixes: the encoder's self-attention, the
+decoder's self-attention (a causal decoder's only group), the decoder's cross-attention."""
 
 
 @dataclass
@@ -43,10 +49,12 @@ class PrefixRoute:
     inner: str
     """The implementation the prefix attention wraps ("sdpa", "eager", "flex_attention", ...)."""
     stacks: Dict[str, nn.Module]
-    """"decoder" (causal decoders) or "encoder" and "decoder" (T5): the modules where the model's forward
-    begins each stack's pass (see the module docstring)."""
+    """"decoder" (causal decoders) or "encoder" and "decoder" (encoder-decoders): the modules where the
+    model's forward begins each stack's pass (see the module docstring)."""
     layouts: Dict[str, Tuple[int, int, int]]
-    """Per stack, (layers, kv_heads, head_dim) of its tagged self-attention layers."""
+    """Per attention group of :data:`ATTENTIONS` the model has ("decoder"; encoder-decoders "encoder",
+    "decoder" and, where its decoder has cross-attention, "cross"), (layers, kv_heads, head_dim) of its
+    tagged layers."""
     checkpointed: List[nn.Module]
     """The modules transformers' gradient checkpointing may switch on (see :meth:`begin_pass`)."""
 
@@ -89,14 +97,10 @@ def prefix_route(model: nn.Module) -> Iterator[PrefixRoute]:
 
 def check_route(model: nn.Module) -> None:
     """Refuse, before anything runs, what cannot go onto the prefix attention: not a transformers model,
-    an encoder-decoder other than :data:`ENCODER_DECODER_TYPES`, an attention implementation that is
-    not wrapped (a model already on the prefix attention passes)."""
+    an attention implementation that is not wrapped (a model already on the prefix attention passes)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
-    if getattr(config, "is_encoder_decoder", False) and config.model_type not in ENCODER_DECODER_TYPES:
-        raise ValueError(f"prefix attention supports causal decoders and the encoder-decoders "
-                         f"{ENCODER_DECODER_TYPES}; got model_type {config.model_type!r}")
     current = config._attn_implementation
     if wrapped_implementation(current) is None:
         try:
@@ -195,23 +199,26 @@ def _find_stacks(model: nn.Module) -> Tuple[Dict[str, nn.Module], Dict[str, List
     inside = {id(m) for m in encoder.modules()}
     if id(encoder) not in entered:
         raise TypeError(f"{kind}.forward does not run get_encoder() ({type(encoder).__name__})")
+    outside = [(m, key) for m, key, _ in calls if id(m) not in inside]
     own = {"encoder": [m for m, _, _ in calls if id(m) in inside],
-           "decoder": [m for m, key, _ in calls if id(m) not in inside and key.shape[2] != ENCODER_TOKENS]}
-    decoder = _entry(model, [m for m, _, _ in calls if id(m) not in inside], entered, "decoder")
-    return {"encoder": encoder, "decoder": decoder}, own
+           "decoder": [m for m, key in outside if key.shape[2] != ENCODER_TOKENS],
+           "cross": [m for m, key in outside if key.shape[2] == ENCODER_TOKENS]}
+    decoder = _entry(model, [m for m, _ in outside], entered, "decoder")
+    return {"encoder": encoder, "decoder": decoder}, {group: modules for group, modules in own.items() if modules}
 
 
 def _tag_stacks(model: nn.Module, stacks: Dict[str, nn.Module],
                 own: Dict[str, List[nn.Module]]) -> Dict[str, Tuple[int, int, int]]:
     """Run the model again with an empty ``dept_prefix`` kwarg given to each stack, check that every
-    self-attention layer receives it, tag each with :data:`PREFIX_SLOT_ATTR` = its slot in its stack's
-    call order, and return each stack's (layers, kv_heads, head_dim)."""
+    attention layer of each group in ``own`` receives it, tag each with its slot in its group's call
+    order (:data:`PREFIX_SLOT_ATTR`; cross-attention :data:`PREFIX_CROSS_ATTR`), and return each group's
+    (layers, kv_heads, head_dim)."""
     calls, _ = _probe(model, {stack: {PREFIX_KWARG: PrefixKV()} for stack in stacks.values()})
     received = {id(module): got for module, _, got in calls}
     keys = {id(module): key for module, key, _ in calls}
     layouts = {}
     for name, modules in own.items():
-        kind = type(stacks[name]).__name__
+        kind = type(stacks[ATTENTIONS[name]]).__name__
         if not all(received.get(id(module), False) for module in modules):
             raise TypeError(f"{kind} does not pass forward keyword arguments down to its attention layers, "
                             "so it cannot receive prefix keys/values")
@@ -220,13 +227,13 @@ def _tag_stacks(model: nn.Module, stacks: Dict[str, nn.Module],
                             "per-layer prefixes are not defined for it")
         if len(stacks) == 1 and not all(getattr(module, "is_causal", False) for module in modules):
             raise ValueError(f"{type(model).__name__} is not a causal decoder (its self-attention is bidirectional); "
-                             f"prefix attention supports causal decoders and {ENCODER_DECODER_TYPES}")
+                             "prefix attention supports causal decoders and encoder-decoders")
         shapes = {(keys[id(m)].shape[1], keys[id(m)].shape[3]) for m in modules}
         if len(shapes) != 1:
             raise ValueError(f"{kind}'s layers differ in key/value heads x head_dim {sorted(shapes)}; "
                              f"the {name} prefixes need one layout for all layers")
         for slot, module in enumerate(modules):
-            setattr(module, PREFIX_SLOT_ATTR, slot)
+            setattr(module, PREFIX_CROSS_ATTR if name == "cross" else PREFIX_SLOT_ATTR, slot)
         layouts[name] = (len(modules),) + shapes.pop()
     return layouts
 

@@ -1,11 +1,14 @@
-"""``FusedPrefixEncoder``: the trainable per-layer key/value prefixes of Prefix-Tuning."""
-from typing import Dict, List, Optional, Tuple
+"""``FusedPrefixEncoder``: the trainable per-layer key/value prefixes of Prefix-Tuning, and
+:func:`grouped_key_values`, several encoders' prefixes in one launch."""
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..ops import prefix_kv_projection
+from ..ops import grouped_launch_available, grouped_prefix_kv_projection, prefix_kv_projection
 from ..ops.checks import FLOAT_DTYPES
+
+KeyValues = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
@@ -96,17 +99,20 @@ class FusedPrefixEncoder(nn.Module):
         """All layers' prefixes, (num_layers, 2, num_kv_heads, prefix_len, head_dim)."""
         if self.merged:
             return self.prefix
-        hidden = self.proj_in(self.embedding.weight)
-        return prefix_kv_projection(hidden, self.proj_out.weight, self.proj_out.bias, self.num_layers,
+        return prefix_kv_projection(self._hidden(), self.proj_out.weight, self.proj_out.bias, self.num_layers,
                                     self.num_kv_heads, self.head_dim)
 
-    def key_values(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def _hidden(self) -> torch.Tensor:
+        """The MLP's hidden layer before tanh, (prefix_len, projection_dim): the first Linear's output."""
+        return self.proj_in(self.embedding.weight)
+
+    def key_values(self) -> KeyValues:
         """Per layer, (key, value) each (1, num_kv_heads, prefix_len, head_dim): views of :meth:`forward`.
 
         ``unbind`` rather than indexing: its backward stacks the layers' gradients in one copy
         instead of scattering each into a zero tensor of the full size.
         """
-        return [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in (layer.unbind(0) for layer in self().unbind(0))]
+        return _layer_pairs(self())
 
     @torch.no_grad()
     def merge(self) -> "FusedPrefixEncoder":
@@ -122,3 +128,63 @@ class FusedPrefixEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"prefix_len={self.prefix_len}, num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, projection_dim={self.projection_dim}, embed_dim={self.embed_dim}")
+
+
+def _layer_pairs(prefixes: torch.Tensor) -> KeyValues:
+    """(key, value) per layer, each (1, kv_heads, p, head_dim), of (layers, 2, kv_heads, p, head_dim)."""
+    return [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in (layer.unbind(0) for layer in prefixes.unbind(0))]
+
+
+def _group_key(encoder: FusedPrefixEncoder) -> tuple:
+    """What encoders evaluated in one grouped launch share: the layout, p, mid and the second Linear's
+    dtypes and device (the first Linear runs per encoder, so its input width may differ)."""
+    weight, bias = encoder.proj_out.weight, encoder.proj_out.bias
+    return (encoder.prefix_len, encoder.projection_dim, encoder.num_layers, encoder.num_kv_heads, encoder.head_dim,
+            encoder.proj_in.weight.dtype, weight.dtype, bias.dtype, weight.device)
+
+
+def grouped_key_values(encoders: Sequence[FusedPrefixEncoder]) -> List[KeyValues]:
+    """Per encoder, what ``encoder.key_values()`` returns, with the MLPs of same-shaped encoders evaluated
+    together: the encoders of a model (e.g. "encoder", "decoder", "cross" of BART or T5) whose
+    unmerged MLPs share prefix length, MLP width, layers, kv_heads, head_dim, dtypes and device get
+    their second Linear (tanh, Linear, attention layout) in one launch, and one per backward kernel
+    (``dept_fast.ops.grouped_prefix_kv_projection``); the first Linear stays one matmul per encoder.
+
+    Merged encoders (the prefixes are the parameter), encoders no other one shares a shape with, and
+    every encoder where no grouped launch runs (``dept_fast.ops.grouped_launch_available``: CPU without
+    the interpreter, torch.compile, CUDA graph capture) are evaluated one by one, exactly as
+    ``key_values()``. The encoders' own forward hooks do not run (their ``proj_in`` is
+    called, and ``proj_out``'s parameters read, as ``forward()`` does).
+
+    Args:
+        encoders: the encoders, in any order; the same encoder twice is evaluated twice.
+
+    Returns:
+        A list as long as ``encoders``: for each, per layer, (key, value), each (1, kv_heads, p, head_dim).
+    """
+    for i, encoder in enumerate(encoders):
+        if not isinstance(encoder, FusedPrefixEncoder):
+            raise TypeError(f"encoders[{i}] must be a FusedPrefixEncoder, got {type(encoder).__name__}")
+    results: List[Optional[KeyValues]] = [None] * len(encoders)
+    groups: Dict[tuple, List[int]] = {}
+    for i, encoder in enumerate(encoders):
+        if encoder.merged:
+            results[i] = encoder.key_values()
+        else:
+            groups.setdefault(_group_key(encoder), []).append(i)
+    for members in groups.values():
+        group = [encoders[i] for i in members]
+        if len(group) == 1 or not grouped_launch_available(group[0].proj_out.weight):
+            for i, encoder in zip(members, group):
+                results[i] = encoder.key_values()
+            continue
+        first = group[0]
+        hidden = torch.stack([encoder._hidden() for encoder in group])
+        prefixes = grouped_prefix_kv_projection(hidden, [e.proj_out.weight for e in group],
+                                                [e.proj_out.bias for e in group], first.num_layers,
+                                                first.num_kv_heads, first.head_dim)
+        # One unbind over every group's layers: its backward stacks their gradients in one copy.
+        pairs = _layer_pairs(prefixes.flatten(0, 1))
+        for g, i in enumerate(members):
+            results[i] = pairs[g * first.num_layers:(g + 1) * first.num_layers]
+    return results

@@ -8,8 +8,10 @@ from .prefix_encoder import FusedPrefixEncoder
 
 
 class PrefixTuning(nn.Module):
-    """The prefixes attached to a model as ``model.prefix_tuning``: ``encoders[stack]`` per attention
-    stack (``"decoder"`` for causal decoders; ``"encoder"`` and ``"decoder"`` for T5).
+    """The prefixes attached to a model as ``model.prefix_tuning``: ``encoders[group]`` per attention
+    group, each its own MLP (``"decoder"`` for causal decoders; for encoder-decoders ``"encoder"``,
+    ``"decoder"`` and ``"cross"``: the encoder's and the decoder's self-attention and the decoder's
+    cross-attention, or those chosen at attach).
 
     Use :meth:`merge` after training (evaluates each MLP once, keeps the prefixes) and
     :meth:`save_pretrained` to write a checkpoint that :func:`dept_fast.load_prefix_tuning` reads.

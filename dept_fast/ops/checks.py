@@ -114,3 +114,26 @@ def check_prefix_kv_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
          f"got {tuple(weight.shape)}")
     need(bias.shape[0] == n_out,
          f"bias must have {n_out} elements (layers * 2 * kv_heads * head_dim), got {bias.shape[0]}")
+
+
+def check_grouped_prefix_kv_inputs(hidden: torch.Tensor, weights, biases, num_layers: int, num_kv_heads: int,
+                                   head_dim: int) -> None:
+    """Raise TypeError/ValueError naming what is wrong with the inputs of the grouped prefix K/V projection:
+    ``hidden`` (G, p, mid), G weights and G biases, each group's valid for :func:`check_prefix_kv_inputs`,
+    all weights of one dtype and all biases of one dtype (one launch reads them alike)."""
+    check_float_tensor("hidden", hidden, dims=3)
+    need(0 not in hidden.shape, f"hidden must be non-empty (G >= 1 groups), got shape {tuple(hidden.shape)}")
+    need(isinstance(weights, (list, tuple)) and isinstance(biases, (list, tuple)),
+         f"weights and biases must be lists or tuples of tensors, got {type(weights).__name__} and "
+         f"{type(biases).__name__}", TypeError)
+    need(len(weights) == len(biases) == hidden.shape[0],
+         f"hidden has {hidden.shape[0]} groups but {len(weights)} weights and {len(biases)} biases were given")
+    for g, (weight, bias) in enumerate(zip(weights, biases)):
+        try:
+            check_prefix_kv_inputs(hidden[g], weight, bias, num_layers, num_kv_heads, head_dim)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"group {g}: {e}") from None
+        for name, t, first in (("weight", weight, weights[0]), ("bias", bias, biases[0])):
+            need(t.dtype == first.dtype, f"group {g}'s {name} is {t.dtype}, group 0's {first.dtype}: a grouped "
+                 "launch needs one dtype per tensor kind", TypeError)
+            need(t.device == first.device, f"group {g}'s {name} is on {t.device}, group 0's on {first.device}")

@@ -1,5 +1,7 @@
 """Eager PyTorch reference of the prefix MLP's fused tail (tanh -> Linear -> attention layout): what
 tests and benchmarks compare the kernels with, and the op's path where the kernels do not run."""
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -20,3 +22,11 @@ def prefix_kv_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     n_prefix = hidden.shape[0]
     out = F.linear(torch.tanh(hidden).to(weight.dtype), weight, bias.to(weight.dtype))
     return out.view(n_prefix, num_layers, 2, num_kv_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
+
+
+def grouped_prefix_kv_reference(hidden: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                                num_layers: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """:func:`prefix_kv_reference` of every group g (``hidden[g]``, ``weights[g]``, ``biases[g]``), stacked:
+    (G, num_layers, 2, num_kv_heads, p, head_dim) in the weights' dtype."""
+    return torch.stack([prefix_kv_reference(h, w, b, num_layers, num_kv_heads, head_dim)
+                        for h, w, b in zip(hidden.unbind(0), weights, biases)])
