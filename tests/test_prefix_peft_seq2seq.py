@@ -20,6 +20,9 @@ from numerics import model_tol, rel_err
 peft = pytest.importorskip("peft")  # a test extra; machines without it skip this module
 P = 3
 FAMILIES = ["t5", "bart"]
+POSITIONED = ["t5", "bart", "mbart", "pegasus", "marian"]
+"""The encoder-decoders of the family matrix whose decoder places tokens after a cached prefix in a
+way ours can follow: T5's relative bias, the others' positions module that takes position_ids."""
 
 
 def make_peft(family, prefix_len=P, projection=False, seed=1, **overrides):
@@ -56,7 +59,7 @@ def tol(model, batch):
 
 
 @pytest.mark.parametrize("layers", [2, 3])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", POSITIONED)
 def test_logits_and_loss_match_peft(family, layers, tmp_path):
     """3 layers: decoder layers 0, 1, 2 take saved layers 0, 2, 1 (PEFT's cache construction)."""
     sizes = dict(num_layers=layers, num_decoder_layers=layers) if family == "t5" else dict(
@@ -136,7 +139,7 @@ def peft_greedy(peft_model, batch, steps):
     return decoder, torch.stack(scores, 1)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", POSITIONED)
 def test_greedy_generate_matches_peft(family, tmp_path):
     peft_model = make_peft(family)
     ours = ours_from(peft_model, family, tmp_path)
@@ -203,11 +206,14 @@ def test_own_convention_records_no_positions(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Refusals
 
-def test_refuses_a_checkpoint_of_other_layers(tmp_path):
-    make_peft("t5", num_layers=3, num_decoder_layers=3).save_pretrained(tmp_path)
+@pytest.mark.parametrize("saved, model", [(dict(num_layers=3, num_decoder_layers=3), {}),
+                                          # PEFT counts the encoder's layers (num_hidden_layers)
+                                          (dict(num_layers=3, num_decoder_layers=2), dict(num_layers=3))])
+def test_refuses_a_checkpoint_of_other_layers(saved, model, tmp_path):
+    make_peft("t5", **saved).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"decoder prefixes \(layers, kv_heads, head_dim\) = \(3, 4, 10\) in the "
                                          r"checkpoint, \(2, 4, 10\) in the model"):
-        load_prefix_tuning(build("t5", dropout=False), tmp_path)
+        load_prefix_tuning(build("t5", dropout=False, **model), tmp_path)
 
 
 def test_refuses_a_checkpoint_of_other_heads(tmp_path):
@@ -317,3 +323,14 @@ def test_refuses_a_batch_of_positions_per_row(names, lengths, tmp_path):
     with pytest.raises(ValueError, match=rf"rows have decoder prefixes of lengths {lengths} under the 'cache' "
                                          r"position convention"):
         model(**inputs(rows=2), adapter_names=names)
+
+
+def test_refuses_a_decoder_whose_positions_cannot_move(tmp_path):
+    """M2M100's decoder computes its positions from the ids and the cache's length inside a module that
+    takes no position_ids: its tokens cannot be placed after the prefix, so the attach is refused."""
+    make_peft("m2m100").save_pretrained(tmp_path)
+    model = build("m2m100", dropout=False)
+    with pytest.raises(ValueError, match=r"no submodule of M2M100Decoder outside its attention layers takes "
+                                         r"position_ids, so its tokens cannot be placed after the prefix"):
+        load_prefix_tuning(model, tmp_path)
+    assert not hasattr(model, "prefix_tuning")
