@@ -92,7 +92,8 @@ class EndDecoderOffset:
     """Forward hook of the decoder stack (``always_call``): the pass is over, positions are not moved."""
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any) -> None:
-        _decoder_offset.set(None)
+        if not torch.compiler.is_compiling():  # never set under compile (see StackPrefixes)
+            _decoder_offset.set(None)
 
 
 class ShiftPositions:
@@ -103,7 +104,8 @@ class ShiftPositions:
         self.signature = inspect.signature(module.forward)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[Tuple[tuple, dict]]:
-        offset = _decoder_offset.get()
+        # Dynamo cannot trace ContextVar.get; under compile no offset is set (StackPrefixes refuses)
+        offset = None if torch.compiler.is_compiling() else _decoder_offset.get()
         if not offset:
             return None
         bound = self.signature.bind_partial(*args, **kwargs).arguments

@@ -244,6 +244,10 @@ class StackPrefixes:
         if positions == "cache" and self.model.config.is_encoder_decoder:
             kwargs[PREFIX_KWARG].positions = cached_length(kwargs)
             if self.moves_positions:
+                if torch.compiler.is_compiling():
+                    raise RuntimeError(f"{type(module).__name__}'s positions move after a 'cache' convention prefix "
+                                       "(PEFT's) through a per-call offset that torch.compile cannot trace; run "
+                                       "this adapter uncompiled")
                 set_decoder_offset(_uniform_offset(rows, self.name))
         return (), kwargs
 
