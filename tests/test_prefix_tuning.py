@@ -231,16 +231,6 @@ def test_unknown_directories_are_refused(tmp_path):
         load_prefix_tuning(tiny_gpt2(), tmp_path)
 
 
-def test_peft_encoder_decoder_checkpoint_is_refused(tmp_path):
-    """PEFT puts T5's prefix on the decoder's self- and cross-attention, we on the encoder's and
-    decoder's self-attention: not the same model, so not loaded."""
-    peft = pytest.importorskip("peft")
-    config = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
-    peft.get_peft_model(tiny_t5(), config).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="PEFT encoder-decoder prefix"):
-        load_prefix_tuning(tiny_t5(), tmp_path)
-
-
 def test_other_peft_methods_are_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
     with pytest.raises(ValueError, match="peft_type 'PROMPT_TUNING'; load_prefix_tuning reads PREFIX_TUNING"):

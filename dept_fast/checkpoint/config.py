@@ -81,20 +81,32 @@ class StackConfig:
                    *(field(data, key, source, "int", 1, default=None) for key in ("projection_dim", "embed_dim")))
 
 
+POSITIONS = ("cache",)
+"""The prefix position conventions an adapter may record (see :class:`PrefixTuningConfig`)."""
+
+
 @dataclass(frozen=True)
 class PrefixTuningConfig:
     """A Prefix-Tuning adapter: p prefix slots per layer, per attention group ("decoder"; encoder-decoders:
-    any of "encoder", "decoder", "cross") a :class:`StackConfig`."""
+    any of "encoder", "decoder", "cross") a :class:`StackConfig`, and its position convention
+    ``positions``: None, the model's own (a causal decoder's tokens sit after the prefix; an
+    encoder-decoder's prefix has no position), or "cache": the prefix sits at positions 0..p-1 of the
+    decoder's self-attention and the decoder's tokens after it, as in a pre-filled cache (PEFT's
+    encoder-decoder prefixes). Recorded only when set, so a config without it reads as None."""
 
     prefix_len: int
     stacks: Dict[str, StackConfig]
+    positions: Optional[str] = None
 
     FORMAT = "dept_fast.prefix_tuning"
     FORMAT_VERSION = 1
 
     def to_json(self) -> Dict[str, Any]:
-        return {"format": self.FORMAT, "format_version": self.FORMAT_VERSION, "prefix_len": self.prefix_len,
+        data = {"format": self.FORMAT, "format_version": self.FORMAT_VERSION, "prefix_len": self.prefix_len,
                 "stacks": {name: asdict(stack) for name, stack in self.stacks.items()}}
+        if self.positions is not None:
+            data["positions"] = self.positions
+        return data
 
     @classmethod
     def from_json(cls, data: Dict[str, Any], source: str) -> "PrefixTuningConfig":
@@ -102,8 +114,12 @@ class PrefixTuningConfig:
         stacks = field(data, "stacks", source, "dict")
         if not stacks or not all(isinstance(s, dict) for s in stacks.values()):
             raise ValueError(f"{source}: key 'stacks' must map stack names to json objects, got {stacks!r}")
+        positions = data.get("positions")
+        if positions is not None and positions not in POSITIONS:
+            raise ValueError(f"{source}: key 'positions' must be one of {POSITIONS} or absent, got {positions!r}")
         return cls(field(data, "prefix_len", source, "int", 1),
-                   {name: StackConfig.from_json(stack, f"{source} (stacks.{name})") for name, stack in stacks.items()})
+                   {name: StackConfig.from_json(stack, f"{source} (stacks.{name})") for name, stack in stacks.items()},
+                   positions)
 
 
 def check_format(data: Dict[str, Any], name: str, version: int, source: str) -> None:

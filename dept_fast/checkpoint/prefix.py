@@ -7,9 +7,9 @@ Ours (``PrefixTuning.save_pretrained``) is a directory with ``dept_prefix_config
 the config again in its header, the copy readers trust). PEFT ``PREFIX_TUNING`` checkpoints
 (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``, read with ``weights_only=True``)
 hold ``prompt_embeddings`` (p, layers * 2 * kv_heads * head_dim): the prefixes themselves (PEFT
-evaluates its MLP before saving), loaded as a merged encoder. PEFT's encoder-decoder prefixes sit on
-the decoder's self- and cross-attention, not on the encoder, so those checkpoints are refused for
-T5. A whole-model save (:mod:`~dept_fast.checkpoint.whole_model`) holds
+evaluates its MLP before saving), loaded as a merged encoder; an encoder-decoder's (T5, BART) as a
+"decoder" prefix with the "cache" position convention, the one attention PEFT gives it (see
+:func:`_read_peft`). A whole-model save (:mod:`~dept_fast.checkpoint.whole_model`) holds
 ``prefix_adapters.<name>.encoders.<stack>.<parameter>`` and the config recorded under
 ``"dept_fast" -> "prefix_tuning" -> name`` in ``config.json`` when the adapter was attached; each stack's form (MLP or merged prefixes) is read
 from the tensors, so a save after ``merge()`` loads too.
@@ -50,7 +50,7 @@ class PrefixCheckpoint:
 def adapter_config(adapter: PrefixTuning) -> PrefixTuningConfig:
     return PrefixTuningConfig(adapter.prefix_len, {
         name: StackConfig(**{key: getattr(encoder, key) for key in STACK_KEYS})
-        for name, encoder in adapter.encoders.items()})
+        for name, encoder in adapter.encoders.items()}, adapter.positions)
 
 
 def save_prefix(adapter: PrefixTuning, path: PathLike) -> None:
@@ -68,8 +68,7 @@ def expected_tensors(config: PrefixTuningConfig) -> Dict[str, Tuple[int, ...]]:
 
 
 def read_prefix_checkpoint(path: PathLike, is_encoder_decoder: bool, adapter_name: str = "default") -> PrefixCheckpoint:
-    """Read our format, PEFT PREFIX_TUNING (refused for encoder-decoders) or a whole-model save (its
-    adapter ``adapter_name``)."""
+    """Read our format, PEFT PREFIX_TUNING or a whole-model save (its adapter ``adapter_name``)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory (a prefix-tuning checkpoint is a directory)")
@@ -114,7 +113,15 @@ def _encoder_forms(config: PrefixTuningConfig, header: Header) -> PrefixTuningCo
 
 
 def _read_peft(path: str, is_encoder_decoder: bool) -> PrefixCheckpoint:
-    """PEFT PREFIX_TUNING: ``prompt_embeddings`` (p, layers * 2 * kv_heads * head_dim) -> our layout."""
+    """PEFT PREFIX_TUNING: ``prompt_embeddings`` (p, layers * 2 * kv_heads * head_dim) -> our layout.
+
+    A causal decoder's layer i takes rows (2i, 2i + 1) of the view (p, 2 * layers, kv_heads,
+    head_dim). An encoder-decoder's checkpoint (``num_transformer_submodules`` 2) is what PEFT's
+    ``get_prompt`` makes of it: the view doubled along its layer rows ([rows ; rows], 4 * layers) and
+    cut into per-layer groups of 4 (self key, self value, cross key, cross value); the cross-attention
+    part is then replaced by an empty cache, so only the decoder's self-attention gets a prefix, and
+    decoder layer i's is saved layer (2i mod layers)'s. Loaded as a "decoder" prefix with the "cache"
+    position convention (the prefix at positions 0..p-1, the decoder's tokens after it)."""
     config_file = os.path.join(path, PEFT_CONFIG_NAME)
     data = read_json(config_file)
     if data.get("peft_type") != "PREFIX_TUNING":
@@ -123,9 +130,11 @@ def _read_peft(path: str, is_encoder_decoder: bool) -> PrefixCheckpoint:
     prefix_len, layers, kv_heads, token_dim = (field(data, key, config_file, "int", 1) for key in (
         "num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"))
     submodules = field(data, "num_transformer_submodules", config_file, "int", 1, default=None) or 1
-    if is_encoder_decoder or submodules != 1:
-        raise ValueError(f"{path} is a PEFT encoder-decoder prefix (decoder self- and cross-attention); dept_fast "
-                         "follows Li & Liang (encoder and decoder self-attention), so it cannot load it")
+    if submodules not in (1, 2) or (submodules == 2) != is_encoder_decoder:
+        model = "an encoder-decoder" if is_encoder_decoder else "a causal decoder"
+        raise ValueError(f"{config_file}: num_transformer_submodules {submodules} (task_type "
+                         f"{data.get('task_type')!r}) is not what PEFT gives {model} (2 for encoder-decoders, "
+                         "1 for causal decoders), so its prefixes do not describe this model's attention")
     if token_dim % kv_heads:
         raise ValueError(f"{config_file}: token_dim {token_dim} is not a multiple of num_attention_heads {kv_heads}")
     head_dim = token_dim // kv_heads
@@ -137,6 +146,9 @@ def _read_peft(path: str, is_encoder_decoder: bool) -> PrefixCheckpoint:
                          "(num_virtual_tokens, num_layers * 2 * token_dim)")
     check_header(tensors.source, tensors.header, {"prompt_embeddings": expected})
     prompt = tensors.load(["prompt_embeddings"])["prompt_embeddings"]
-    prefix = prompt.view(prefix_len, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
-    config = PrefixTuningConfig(prefix_len, {"decoder": StackConfig(layers, kv_heads, head_dim)})
-    return PrefixCheckpoint(config, {"decoder.prefix": prefix}, f"PEFT PREFIX_TUNING checkpoint {path}")
+    prefix = prompt.view(prefix_len, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4)
+    positions = None
+    if submodules == 2:
+        prefix, positions = prefix[[2 * layer % layers for layer in range(layers)]], "cache"
+    config = PrefixTuningConfig(prefix_len, {"decoder": StackConfig(layers, kv_heads, head_dim)}, positions)
+    return PrefixCheckpoint(config, {"decoder.prefix": prefix.contiguous()}, f"PEFT PREFIX_TUNING checkpoint {path}")

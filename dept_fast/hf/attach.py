@@ -18,7 +18,8 @@ from .attention import PREFIX_KWARG, KeyValue, PrefixKV
 from .positions import cached_length, token_positions
 
 Hook = Tuple[nn.Module, str, Callable]
-"""(module, "pre" or "post", hook): a forward pre-hook or forward hook, both ``with_kwargs=True``."""
+"""(module, "pre" or "post", hook): a forward pre-hook or forward hook, both ``with_kwargs=True``; a
+forward hook runs even when the forward raises (``always_call``), so it can end what a pre-hook began."""
 
 
 def attach(model: nn.Module, kind: str, name: str, adapter: nn.Module, config: Dict[str, Any],
@@ -46,7 +47,7 @@ def attach(model: nn.Module, kind: str, name: str, adapter: nn.Module, config: D
         if when == "pre":
             module.register_forward_pre_hook(hook, with_kwargs=True)
         else:
-            module.register_forward_hook(hook, with_kwargs=True)
+            module.register_forward_hook(hook, with_kwargs=True, always_call=True)
     return model
 
 

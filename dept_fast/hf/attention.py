@@ -103,11 +103,16 @@ class PrefixKV:
             is off inside the attention, a reentrant checkpoint has switched it off).
         state: what a hook that set this pass up leaves for the hook that completes it (e.g. the
             shared prompt's labels and logits), carried with the call, never on the model.
-        masks: the masks joined with the prefix columns in this pass (:meth:`joined_mask`).
+        masks: the masks joined with the prefix columns in this pass (:meth:`joined_mask`), and T5's
+            position biases (:func:`join_position_bias`).
         cross: the prefixes of the cross-attention layers (an encoder-decoder's decoder pass), or None.
+        positions: None: the prefix has no position (T5's position bias gives its columns none); an
+            int c: the "cache" convention of PEFT's encoder-decoder prefixes, a row's prefix of p
+            slots at positions 0..p-1 and its token i of this pass at p + c + i (c tokens cached
+            before this pass).
     """
 
-    __slots__ = ("key_values", "source", "valid", "capture", "grad_enabled", "state", "masks", "cross")
+    __slots__ = ("key_values", "source", "valid", "capture", "grad_enabled", "state", "masks", "cross", "positions")
 
     def __init__(self, key_values: Optional[Sequence[KeyValue]] = None, source: Optional[torch.Tensor] = None,
                  valid: Optional[torch.Tensor] = None, capture: Optional[Dict[int, KeyValue]] = None,
@@ -120,6 +125,7 @@ class PrefixKV:
         self.state = state
         self.masks: List[Tuple[Any, tuple, Any]] = []
         self.cross: Optional["PrefixKV"] = None
+        self.positions: Optional[int] = None
 
     @property
     def per_row(self) -> bool:
@@ -136,12 +142,13 @@ class PrefixKV:
             device=self.source.device)
         return valid[self.source.clamp_min(0)] & (self.source >= 0)[:, None]
 
-    def joined_mask(self, attention_mask: Any, layout: tuple, join: Callable[[], Any]) -> Any:
+    def joined_mask(self, attention_mask: Any, layout: tuple, join: Callable[[], Any], in_graph: bool = False) -> Any:
         """``join()``: ``attention_mask`` with the prefix columns, built by the first layer that
         receives this mask (transformers hands every layer of a mask type one mask object per
         forward) and reused by the others, gradient checkpointing's recomputation included;
-        ``layout`` is what else the result depends on (kind, lengths, causality)."""
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.requires_grad:
+        ``layout`` is what else the result depends on (kind, lengths, causality). ``in_graph``: reused
+        even when it is in the autograd graph (what only one layer can build)."""
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.requires_grad and not in_graph:
             return join()  # a mask in the autograd graph is joined in each layer's own graph
         for mask, known, joined in self.masks:
             if mask is attention_mask and known == layout:
@@ -419,9 +426,45 @@ def attend_with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         kind, attention_mask, prefix.row_valid(batch), n_prefix, batch, q_len, kv_len, causal, query.device,
         query.dtype))
     if position_bias is not None:
-        kwargs["position_bias"] = F.pad(position_bias, (n_prefix, 0))
+        kwargs["position_bias"] = join_position_bias(module, prefix, position_bias, q_len, n_prefix)
     return call_inner(inner, module, query, key, value, attention_mask, is_causal=causal and kind == "flash",
                       **kwargs)
+
+
+def join_position_bias(module: nn.Module, prefix: PrefixKV, position_bias: torch.Tensor, q_len: int,
+                       n_prefix: int) -> torch.Tensor:
+    """T5's additive position bias (1 or b, heads, q, k) with ``n_prefix`` prefix columns before it.
+
+    Without positions (``prefix.positions`` None) the columns are zeros. Under the "cache" convention
+    they are the bias of keys at 0..p-1 for queries at p + c + i, what a pre-filled cache of p slots
+    gives (T5's bias depends on key - query only, so the own keys' columns, at p + j against
+    p + c + i, are the model's own). They are computed once per forward by the layer that owns the
+    bias table, with its own ``compute_bias`` (T5's first layer, which transformers runs first and
+    whose bias every later layer receives), and reused by the others (:meth:`PrefixKV.joined_mask`)."""
+    if prefix.positions is None:
+        return F.pad(position_bias, (n_prefix, 0))
+
+    def join() -> torch.Tensor:
+        columns = _cache_bias_columns(module, prefix, q_len, n_prefix).to(position_bias.dtype)
+        own = position_bias.expand(columns.shape[0], -1, -1, -1)
+        return torch.cat([columns, own], dim=-1)
+
+    return prefix.joined_mask(position_bias, ("position_bias", q_len, n_prefix, prefix.positions), join, in_graph=True)
+
+
+def _cache_bias_columns(module: nn.Module, prefix: PrefixKV, q_len: int, n_prefix: int) -> torch.Tensor:
+    """(1 or b, heads, q, P): per row, the bias of prefix keys at 0..P-1 for queries at p + c + i
+    (p the row's prefix length; slots past it are masked)."""
+    if getattr(module, "relative_attention_bias", None) is None or not callable(getattr(module, "compute_bias", None)):
+        raise TypeError(f"{type(module).__name__} received a position bias it does not own before the layer that owns "
+                        "it (relative_attention_bias, compute_bias) ran in this pass, so the bias of the prefix columns "
+                        "under the 'cache' position convention is unknown")
+    sources = prefix.key_values[0][0].shape[0]
+    lengths = [n_prefix] * sources if prefix.valid is None else prefix.valid.sum(-1).tolist()
+    device = prefix.key_values[0][0].device
+    columns = torch.cat([module.compute_bias(q_len, n_prefix, device=device, past_seen_tokens=length + prefix.positions)
+                         for length in lengths])
+    return columns if prefix.source is None else columns[prefix.source.clamp_min(0)]
 
 
 def mask_free(inner: str, attention_mask: Any, causal: bool, q_len: int, prefix: PrefixKV,

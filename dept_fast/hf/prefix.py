@@ -11,7 +11,11 @@ prefixes its pass carries and passes them to the prefix attention (:mod:`dept_fa
 the ``dept_prefix`` kwarg. Positions: in a causal decoder the tokens sit after the prefix
 (``position_ids`` starting at p, :mod:`dept_fast.hf.positions`), as PEFT's pre-filled cache puts
 them; in an encoder-decoder the prefix has no position (tokens keep theirs, T5's position bias gives
-the prefix columns none), as in Li & Liang's BART code.
+the prefix columns none), as in Li & Liang's BART code, except for an adapter of the "cache" position
+convention (PEFT's encoder-decoder checkpoints): its decoder prefix sits at positions 0..p-1 and the
+decoder's tokens after it (T5: bias columns of keys 0..p-1 for queries at p + i,
+:func:`~dept_fast.hf.attention.join_position_bias`; BART family: the decoder's positions module
+moved by p, :class:`~dept_fast.hf.positions.ShiftPositions`).
 Checkpoint formats: :mod:`dept_fast.checkpoint.prefix`.
 """
 import inspect
@@ -28,10 +32,11 @@ from ..modules.prefix_encoder import FusedPrefixEncoder, grouped_key_values
 from ..modules.prefix_tuning import PrefixTuning
 from .adapters import DEPT, PREFIX, adapters_of, call_names, refuse_taken, row_adapters
 from .attach import attach, forward_arguments, prefix_pass
-from .attention import PREFIX_KWARG, KeyValue, PrefixKV
+from .attention import PREFIX_CROSS_ATTR, PREFIX_KWARG, PREFIX_SLOT_ATTR, KeyValue, PrefixKV
 from .dept import DEFAULT_NAME, decoder_inputs
 from .peft_models import attach_through
-from .positions import CACHE_KWARGS, cached_length
+from .positions import (CACHE_KWARGS, EndDecoderOffset, ShiftPositions, cached_length, positions_module,
+                        set_decoder_offset)
 from .route import ATTENTIONS, PrefixRoute, check_attention_window, check_route, prefix_route
 from .transaction import all_or_nothing
 from .verify import PrefixProbe, Refused, own_random_numbers, plain_call
@@ -119,20 +124,26 @@ def _attach(model: nn.Module, name: str, spec: Union[FreshPrefixes, PrefixCheckp
                                                                   device=device)
                                         for group in _chosen(model, route, attentions)})
         hooks = lambda: [(stack, "pre", StackPrefixes(model, stack_name, stack, route))  # noqa: E731
-                         for stack_name, stack in route.stacks.items()]
+                         for stack_name, stack in route.stacks.items()] + _decoder_position_hooks(model, route)
         attach(model, PREFIX, name, adapter, adapter_config(adapter).to_json(), hooks)
         if not model.config.is_encoder_decoder:
             decoder_inputs(model)  # a left-padded row's first label, as for DePT rows
         if probe is not None:
             try:
-                probe.verify(model, _probe_prefixes(route, device, dtype),
-                             lambda ids, a: _cache_reference(model, ids, a))
+                probe.verify(model, _probe_prefixes(route, device, dtype, adapter),
+                             lambda ids, a: _cache_reference(model, ids, a, probe.decoder))
             except Refused as error:
                 fixed = [type(stack).__name__ for stack in route.stacks.values()
                          if "position_ids" not in inspect.signature(stack.forward).parameters]
                 if fixed and not model.config.is_encoder_decoder:
                     raise Refused(f"{error}; {', '.join(fixed)}.forward takes no position_ids, so its tokens cannot "
                                   "be placed after the prefix (at positions p, p + 1, ...)") from error
+                if adapter.positions == "cache" and model.config.is_encoder_decoder \
+                        and _decoder_positions(route) is None:
+                    raise Refused(f"{error}; no submodule of {type(route.stacks['decoder']).__name__} outside its "
+                                  "attention layers takes position_ids, so its tokens cannot be placed after the "
+                                  "prefix (the 'cache' position convention of PEFT's encoder-decoder prefixes)"
+                                  ) from error
                 raise
     return model
 
@@ -153,29 +164,41 @@ def _chosen(model: nn.Module, route: PrefixRoute, attentions: Optional[Sequence[
     return list(dict.fromkeys(attentions))
 
 
-def _probe_prefixes(route: PrefixRoute, device: torch.device, dtype: torch.dtype) -> PrefixTuning:
-    """Random prefixes of 2 slots on every attention group of the route, for the self-check."""
+def _probe_prefixes(route: PrefixRoute, device: torch.device, dtype: torch.dtype,
+                    adapter: PrefixTuning) -> PrefixTuning:
+    """Random prefixes of 2 slots, for the self-check: on every attention group of the route, or for an
+    adapter of the "cache" position convention on its groups, with that convention."""
+    stacks = adapter.encoders if adapter.positions is not None else route.layouts
     with own_random_numbers(device):
-        return PrefixTuning({group: FusedPrefixEncoder(2, *layout, projection_dim=None, dtype=dtype, device=device)
-                             for group, layout in route.layouts.items()})
+        return PrefixTuning({stack: FusedPrefixEncoder(2, *route.layouts[stack], projection_dim=None, dtype=dtype,
+                                                       device=device) for stack in stacks}, adapter.positions)
 
 
-def _cache_reference(model: nn.Module, ids: torch.Tensor, adapter: PrefixTuning) -> Optional[torch.Tensor]:
-    """A causal decoder's logits with ``adapter``'s prefixes in a pre-filled ``DynamicCache`` (PEFT's
-    route, the tokens at positions p + i), or None where that route does not exist (encoder-decoders)
-    or the model does not take a pre-filled cache."""
-    if model.config.is_encoder_decoder:
+def _cache_reference(model: nn.Module, ids: torch.Tensor, adapter: PrefixTuning,
+                     decoder: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """The logits of the plain model with ``adapter``'s decoder prefixes in a pre-filled cache (PEFT's
+    route, the tokens at positions p + i): a causal decoder's ``DynamicCache``, or for an
+    encoder-decoder adapter of the "cache" position convention the self-attention part of an
+    ``EncoderDecoderCache`` whose cross-attention part is empty, as PEFT builds it. None where that
+    route does not exist (an encoder-decoder's own convention) or the model does not take a
+    pre-filled cache."""
+    encoder_decoder = bool(model.config.is_encoder_decoder)
+    if encoder_decoder and adapter.positions != "cache":
         return None
-    from transformers import DynamicCache
+    from transformers import DynamicCache, EncoderDecoderCache
 
     key_values = adapter.encoders["decoder"].key_values()
     try:
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache() if encoder_decoder else DynamicCache(config=model.config)
         for layer, (key, value) in enumerate(key_values):
             cache.update(key, value, layer)
-        mask = torch.ones(1, key_values[0][0].shape[2] + ids.shape[1], dtype=torch.long, device=ids.device)
+        if encoder_decoder:
+            cache = EncoderDecoderCache(cache, DynamicCache())
+            mask = torch.ones_like(ids)
+        else:
+            mask = torch.ones(1, key_values[0][0].shape[2] + ids.shape[1], dtype=torch.long, device=ids.device)
         name = CACHE_KWARGS[0] if CACHE_KWARGS[0] in inspect.signature(model.forward).parameters else CACHE_KWARGS[1]
-        output = plain_call(model, input_ids=ids, attention_mask=mask, use_cache=True, **{name: cache})
+        output = plain_call(model, input_ids=ids, attention_mask=mask, use_cache=True, **decoder, **{name: cache})
     except (TypeError, ValueError, RuntimeError, IndexError, AttributeError, NotImplementedError):
         return None
     return output.logits if hasattr(output, "logits") else output[0]
@@ -194,6 +217,9 @@ class StackPrefixes:
         self.signature = inspect.signature(stack.forward)
         # an encoder-decoder's prefix has no position (see the module docstring)
         self.shift_positions = "position_ids" in self.signature.parameters and not model.config.is_encoder_decoder
+        # an encoder-decoder's decoder whose positions move under the "cache" convention (BART family)
+        self.moves_positions = bool(model.config.is_encoder_decoder) and name == "decoder" \
+            and _decoder_positions(route) is not None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any]]:
         self.route.begin_pass(module)
@@ -204,6 +230,7 @@ class StackPrefixes:
                   if group in adapter.encoders]
         if not wanted:
             return (), kwargs
+        positions = position_convention(self.model, rows.adapters)
         if self.name in self.groups and not self.model.config.is_encoder_decoder:
             longest = max(rows.adapters[i].encoders[self.name].prefix_len for i, group in wanted if group == self.name)
             check_attention_window(self.model, longest + cached_length(kwargs) + inputs.shape[1], "the prefix")
@@ -215,6 +242,14 @@ class StackPrefixes:
         kwargs = prefix_pass(kwargs, *own, shift_positions=self.shift_positions)
         if specs.get("cross") is not None:
             kwargs[PREFIX_KWARG].cross = PrefixKV(*specs["cross"], grad_enabled=torch.is_grad_enabled())
+        if positions == "cache" and self.model.config.is_encoder_decoder:
+            kwargs[PREFIX_KWARG].positions = cached_length(kwargs)
+            if self.moves_positions:
+                if torch.compiler.is_compiling():
+                    raise RuntimeError(f"{type(module).__name__}'s positions move after a 'cache' convention prefix "
+                                       "(PEFT's) through a per-call offset that torch.compile cannot trace; run "
+                                       "this adapter uncompiled")
+                set_decoder_offset(_uniform_offset(rows, self.name))
         return (), kwargs
 
 
@@ -236,6 +271,48 @@ def _group_prefixes(rows, group: str, evaluated: Dict[Tuple[int, str], List[KeyV
         remap[torch.tensor(having, device=source.device)] = torch.arange(len(having), device=source.device)
         source = remap[source]  # index -1 (no adapter) reads the last entry, -1
     return key_values, source, valid
+
+
+def _decoder_positions(route: PrefixRoute) -> Optional[nn.Module]:
+    """The encoder-decoder's decoder positions module (:func:`~dept_fast.hf.positions.positions_module`)."""
+    decoder = route.stacks["decoder"]
+    return positions_module(decoder, [m for m in decoder.modules()
+                                      if hasattr(m, PREFIX_SLOT_ATTR) or hasattr(m, PREFIX_CROSS_ATTR)])
+
+
+def _decoder_position_hooks(model: nn.Module, route: PrefixRoute) -> List[Tuple[nn.Module, str, Any]]:
+    """An encoder-decoder's hooks that move its decoder's positions under the "cache" convention (BART
+    family: after the prefix), where the decoder has a positions module; none otherwise."""
+    module = _decoder_positions(route) if model.config.is_encoder_decoder else None
+    if module is None:
+        return []
+    return [(module, "pre", ShiftPositions(module)), (route.stacks["decoder"], "post", EndDecoderOffset())]
+
+
+def _uniform_offset(rows, stack: str) -> int:
+    """The prefix length every row of the batch shares (a decoder whose positions module takes one
+    row of positions for the whole batch); a batch whose rows' prefix lengths differ is refused."""
+    lengths = {adapter.encoders[stack].prefix_len for adapter in rows.adapters}
+    plain = rows.index is not None and bool((rows.index < 0).any())
+    if len(lengths) > 1 or plain:
+        raise ValueError(f"this batch's rows have decoder prefixes of lengths {sorted(lengths)}"
+                         f"{' and plain rows (none)' if plain else ''} under the 'cache' position convention, where "
+                         "the decoder's tokens sit after the prefix; this decoder gives one row of positions to the "
+                         "whole batch, so call rows of different prefix lengths in separate batches")
+    return lengths.pop()
+
+
+def position_convention(model: nn.Module, adapters: Sequence[PrefixTuning]) -> Optional[str]:
+    """The one position convention of the adapters a batch's rows take (see
+    :class:`~dept_fast.checkpoint.config.PrefixTuningConfig`); a batch mixing conventions is refused."""
+    conventions = {adapter.positions for adapter in adapters}
+    if len(conventions) > 1:
+        names = {name: adapter.positions for name, adapter in adapters_of(model, PREFIX).items()
+                 if any(adapter is a for a in adapters)}
+        raise ValueError(f"this batch's rows take prefix adapters of different position conventions {names} (None: "
+                         "the prefix has no position; 'cache': PEFT's, the decoder's tokens after the prefix); "
+                         "call them in separate batches")
+    return conventions.pop()
 
 
 def pack_prefixes(per_adapter: List[List[KeyValue]]) -> Tuple[List[KeyValue], torch.Tensor]:
@@ -265,7 +342,7 @@ def _from_checkpoint(checkpoint: PrefixCheckpoint, layouts: Dict[str, Tuple[int,
         dtype = next(t.dtype for key, t in checkpoint.tensors.items() if key.startswith(f"{name}."))
         encoders[name] = FusedPrefixEncoder(checkpoint.config.prefix_len, *layout, projection_dim=stack.projection_dim,
                                             embed_dim=stack.embed_dim, dtype=dtype, device="meta")
-    adapter = PrefixTuning(encoders)
+    adapter = PrefixTuning(encoders, checkpoint.config.positions)
     adapter.encoders.load_state_dict({key: t.to(device) for key, t in checkpoint.tensors.items()}, assign=True)
     return adapter
 
@@ -278,3 +355,7 @@ def _check_layouts(checkpoint: PrefixCheckpoint, model: Dict[str, Tuple[int, int
                 f"{checkpoint.source} does not fit this model: {name} prefixes (layers, kv_heads, head_dim) = "
                 f"{stack.layout} in the checkpoint, {model.get(name)} in the model (its attention groups: "
                 f"{dict(model)})")
+    if checkpoint.config.positions == "cache" and set(checkpoint.config.stacks) != {"decoder"}:
+        raise ValueError(f"{checkpoint.source} has prefixes on {sorted(checkpoint.config.stacks)} with the 'cache' "
+                         "position convention, which places a prefix on the decoder's self-attention only (PEFT's "
+                         "pre-filled cache); it cannot be loaded")

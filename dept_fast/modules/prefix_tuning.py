@@ -1,6 +1,6 @@
 """``PrefixTuning``: the Prefix-Tuning adapter of one model, one encoder per attention stack."""
 import os
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 from torch import nn
 
@@ -17,9 +17,13 @@ class PrefixTuning(nn.Module):
     :meth:`save_pretrained` to write a checkpoint that :func:`dept_fast.load_prefix_tuning` reads.
     """
 
-    def __init__(self, encoders: Dict[str, FusedPrefixEncoder]) -> None:
+    def __init__(self, encoders: Dict[str, FusedPrefixEncoder], positions: Optional[str] = None) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
+        self.positions = positions
+        """The position convention (:class:`~dept_fast.checkpoint.config.PrefixTuningConfig`): None, the
+        model's own; "cache": PEFT's encoder-decoder prefixes, at positions 0..p-1 of the decoder's
+        self-attention, the decoder's tokens after them."""
 
     @property
     def prefix_len(self) -> int:
