@@ -18,11 +18,14 @@ import sys as _sys
 class _CheckoutKernels(importlib.abc.MetaPathFinder):
     """Finds exactly ``dept_fast.kernels`` in the checkout's top-level ``kernels/`` folder.
 
-    Installed (also editable), setup.py's ``package_dir`` maps that name to the folder. Run from a
-    source checkout without installing (``PYTHONPATH=<checkout>``) nothing does, so this finder,
-    last on ``sys.meta_path``, answers for that one name only: the package's ``__path__`` holds the
-    package alone (no ``dept_fast.setup``, ``dept_fast.bench``, ...) and the folder never becomes
-    a top-level ``kernels`` here (the name of a PyPI package that transformers probes for).
+    Installed as a wheel, setup.py's ``package_dir`` puts the folder inside the package. Run from a
+    source checkout (``PYTHONPATH=<checkout>``, or installed editable, whose finder maps the name to
+    the checkout it was installed from), this finder, first on ``sys.meta_path``, answers for that
+    one name only, with the ``kernels/`` beside this ``dept_fast``: the kernels always come from the
+    checkout the package itself came from (a second checkout on ``PYTHONPATH`` beside an editable
+    install of the first does not mix the two), the package's ``__path__`` holds the package alone
+    (no ``dept_fast.setup``, ``dept_fast.bench``, ...) and the folder never becomes a top-level
+    ``kernels`` (the name of a PyPI package that transformers probes for).
     """
 
     def __init__(self, folder: str) -> None:
@@ -40,7 +43,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and \
         _os.path.isfile(_os.path.join(_checkout_kernels, "dept_forward.py")) and \
         not any(type(finder).__qualname__ == _CheckoutKernels.__qualname__ and type(finder).__module__ == __name__
                 for finder in _sys.meta_path):  # once, importlib.reload included
-    _sys.meta_path.append(_CheckoutKernels(_checkout_kernels))
+    _sys.meta_path.insert(0, _CheckoutKernels(_checkout_kernels))
 
 _EXPORTS = {
     "FusedDePTEmbedding": "modules", "FusedPrefixEncoder": "modules", "PrefixTuning": "modules",

@@ -16,7 +16,7 @@ from torch import nn
 
 from dept_fast import apply_dept, apply_prefix_tuning, enable_activation_checkpointing
 from dept_fast.hf import attention
-from dept_fast.hf.attention import PREFIX_SLOT_ATTR
+from dept_fast.hf.attention import PREFIX_CROSS_ATTR, PREFIX_SLOT_ATTR
 from dept_models import M, R, S, padded_batch
 from families import DECODERS, FAMILIES, LAYOUTS, build
 from numerics import TOL, rel_err
@@ -138,7 +138,7 @@ def test_mask_free_equals_the_materialised_path(family, kind, monkeypatch, sdpa_
                                           if family in DECODERS or kind == "prefix"])  # T5: no shared prompt
 def test_padded_batch_joins_its_mask_once_per_forward(family, kind, checkpointing, joins):
     """A left-padded batch's mask is joined with the prefix columns by the first layer and shared by
-    the others (one mask object per stack, also through checkpointing's recomputation)."""
+    the others (one mask object per attention group, also through checkpointing's recomputation)."""
     model = adapted(family, kind)
     joins.clear()  # the attach's self-check ran the model
     if checkpointing:
@@ -147,15 +147,15 @@ def test_padded_batch_joins_its_mask_once_per_forward(family, kind, checkpointin
     original = attention.call_inner
 
     def recording(inner, module, query, key, value, attention_mask, **kwargs):
-        if hasattr(module, PREFIX_SLOT_ATTR) and key.shape[2] > query.shape[2]:  # with a prefix joined
+        tagged = hasattr(module, PREFIX_SLOT_ATTR) or hasattr(module, PREFIX_CROSS_ATTR)
+        if tagged and key.shape[2] > query.shape[2]:  # with a prefix joined
             received.setdefault(id(module), []).append(attention_mask)
         return original(inner, module, query, key, value, attention_mask, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(attention, "call_inner", recording)
         step(model, left_padded(model))
-    stacks = 2 if family == "t5" else 1
-    assert len(joins) == stacks, [type(j) for j in joins]
+    assert len(joins) == len(LAYOUTS[family]), [type(j) for j in joins]  # T5: encoder, decoder, cross
     assert all(isinstance(mask, torch.Tensor) for mask in joins)
     assert len(received) == sum(layers for layers, _, _ in LAYOUTS[family].values())
     assert all(any(mask is joined for joined in joins) for masks in received.values() for mask in masks)

@@ -1,7 +1,8 @@
 """The ``dept_fast`` namespace holds the package alone: its ``__path__`` lists no ``setup``, ``bench``,
 ``tests`` or ``examples`` (``import dept_fast.setup`` used to run setup.py), and ``dept_fast.kernels``
 (the checkout's top-level ``kernels/`` folder) imports both installed and from a source checkout on
-PYTHONPATH, without the folder answering to the top-level name ``kernels`` where it is installed."""
+PYTHONPATH, without the folder answering to the top-level name ``kernels`` where it is installed; a
+second checkout on PYTHONPATH beside an editable install takes its own kernels."""
 import os
 import pathlib
 import pkgutil
@@ -69,3 +70,16 @@ def test_a_source_checkout_on_pythonpath_finds_dept_fast_kernels():
     assert got["DEPT_FAST"] == str(ROOT / "dept_fast" / "__init__.py")
     assert got["KERNELS"].split() == [str(ROOT / "kernels" / "__init__.py"), "dept_fast.kernels.dept_forward"]
     assert not NOT_OURS & set(eval(got["LISTS"])) and got["SETUP"] == "absent"
+
+
+def test_a_second_checkout_on_pythonpath_takes_its_own_kernels(tmp_path):
+    """Another checkout (a git worktree) on PYTHONPATH beside the editable install of this one: its
+    dept_fast takes the kernels beside it, never the installed checkout's (the editable finder maps
+    dept_fast.kernels to the folder it was installed from)."""
+    import shutil
+
+    for folder in ("dept_fast", "kernels"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    got = probe(clean_env(PYTHONPATH=str(tmp_path)))
+    assert got["DEPT_FAST"] == str(tmp_path / "dept_fast" / "__init__.py")
+    assert got["KERNELS"].split() == [str(tmp_path / "kernels" / "__init__.py"), "dept_fast.kernels.dept_forward"]
