@@ -21,6 +21,7 @@ from torch import nn
 from dept_fast import apply_dept, apply_prefix_tuning
 from dept_fast.hf import attention
 from dept_fast.hf.attention import PREFIX_SLOT_ATTR, prefix_name, wrapped_implementation
+from dept_models import randomized
 from families import build
 from numerics import TOL, rel_err
 from tiny_models import VOCAB
@@ -318,12 +319,7 @@ def test_flash_attention_2_matches_sdpa_on_cuda(case):
         apply_dept(model, 3, 4, 16, adapter_name="dept")
         apply_dept(model, 2, 2, 12, adapter_name="small")
         apply_prefix_tuning(model, 4, projection_dim=None, adapter_name="prefix")
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(0, 0.5)
-        return model.train()
+        return randomized(model, seed=1).train()
 
     model, reference = model_on("flash_attention_2"), model_on("sdpa")
     inputs = {k: v.cuda() for k, v in batch(rows=4, padded=case.endswith("-padded")).items()}

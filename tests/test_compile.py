@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dept_fast import apply_dept, apply_prefix_tuning
+from dept_models import randomized
 from families import build
 from numerics import TOL, rel_err
 from tiny_models import VOCAB
@@ -53,12 +54,7 @@ def adapted(case: str, family: str = "llama-gqa", device: str = "cpu") -> nn.Mod
         apply_dept(model, 5, 0, 16, adapter_name="pt")
         apply_dept(model, 2, 2, 12, lora_alpha=3.0, adapter_name="small")
         apply_prefix_tuning(model, 4, projection_dim=None, adapter_name="prefix")
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    return model.train()
+    return randomized(model, seed=1).train()
 
 
 def batch(model: nn.Module, rows: int, length: int, device: str = "cpu") -> dict:
