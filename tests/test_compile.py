@@ -93,13 +93,15 @@ def assert_same(got, want, inputs: dict, tol: float) -> None:
         assert grad.abs().sum() > 0 and rel_err(grad, want_grads[name]) <= tol, name
 
 
-FAMILY_CASES = [("llama-gqa", case) for case in CASES] + [("t5", "every-row"), ("t5", "prefix"), ("gpt2", "shared")]
+FAMILY_CASES = [("llama-gqa", case) for case in CASES] + [("t5", "every-row"), ("t5", "prefix"), ("bart", "prefix"),
+                                                            ("gpt2", "shared")]
 
 
 @pytest.mark.parametrize("family, case", FAMILY_CASES)
 def test_fullgraph_forward_and_backward_equal_eager(family, case):
     """aot_eager (forward and backward graphs), one shape: eager's logits, loss and gradients. T5: the
-    encoder's and decoder's hooks, relative position bias; GPT-2: learned positions."""
+    encoder's and decoder's hooks, relative position bias; T5 and BART prefix: the encoder, decoder
+    and cross-attention prefixes; GPT-2: learned positions."""
     torch._dynamo.reset()
     model = adapted(case, family)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
