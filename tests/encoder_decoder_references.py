@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
 
 KeyValue = Tuple[torch.Tensor, torch.Tensor]
@@ -108,11 +109,12 @@ def cross_prefix_from_encoder_states(model: nn.Module, states: torch.Tensor) -> 
 
 
 def with_encoder_states(model: nn.Module, states: torch.Tensor, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor, **kwargs):
-    """The plain model with ``states`` (p, d) before each row's encoder output and p ones before its
-    encoder mask: the decoder sees them as a cross-attention prefix."""
+                        attention_mask: torch.Tensor) -> Dict[str, object]:
+    """The plain model's ``encoder_outputs`` and ``attention_mask`` with ``states`` (p, d) before each
+    row's encoder output and p ones before its encoder mask, for its forward or ``generate()``: the
+    decoder sees them as a cross-attention prefix."""
     encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     batch = input_ids.shape[0]
     joined = torch.cat([states.expand(batch, -1, -1).to(encoded.dtype), encoded], 1)
     mask = torch.cat([torch.ones(batch, states.shape[0], dtype=attention_mask.dtype), attention_mask], 1)
-    return model(encoder_outputs=(joined,), attention_mask=mask, **kwargs)
+    return dict(encoder_outputs=BaseModelOutput(last_hidden_state=joined), attention_mask=mask)
